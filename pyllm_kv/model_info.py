@@ -1,0 +1,189 @@
+"""Model shape from GGUF metadata, and what the KV cache costs per token.
+
+We read the file with the ``gguf`` package (no llama context needed), so the CLI
+can print ``info`` instantly and :func:`pyllm_kv.load` can refuse a bad
+combination (head_dim vs block size) *before* llama.cpp allocates anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Union
+
+from . import formats
+from .errors import InvalidModelFile, ModelNotFound
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    arch: str
+    name: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int  # max over layers (most models: the same for all)
+    head_dim_k: int
+    head_dim_v: int
+    n_ctx_train: int
+    n_vocab: int
+    has_chat_template: bool
+    # KV heads of every layer; differs per layer in a few architectures (OpenELM...).
+    n_head_kv_per_layer: List[int] = field(default_factory=list)
+
+    @property
+    def head_dim(self) -> int:
+        """K head dim (equal to V's for almost all models)."""
+        return self.head_dim_k
+
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _check_file(path: Path) -> None:
+    """Cheap checks that give a clear message before the GGUF parser runs."""
+    if not path.exists():
+        raise ModelNotFound(f"model file not found: {path}. Pass the path to a .gguf model file.")
+    if not path.is_file():
+        raise InvalidModelFile(f"{path} is not a file; pass the path to a .gguf model file.")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise InvalidModelFile(f"cannot read model file {path}: {exc.strerror}.") from exc
+    if magic != GGUF_MAGIC:
+        raise InvalidModelFile(
+            f"{path} is not a GGUF model (starts with {magic!r}, expected {GGUF_MAGIC!r}). "
+            "Convert the model with llama.cpp's convert_hf_to_gguf.py, or pass a .gguf file."
+        )
+
+
+def _corrupt(path: Path, why: str) -> InvalidModelFile:
+    return InvalidModelFile(
+        f"{path} is not a valid GGUF model ({why}); the file may be truncated or corrupt. "
+        "Download or convert it again."
+    )
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _as_list(value: Any, n: int) -> List[int]:
+    """A per-layer hyper-parameter may be stored as one int or as an array."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"per-layer array of length {len(value)} for {n} layers")
+        return [int(v) for v in value]
+    return [int(value)] * n
+
+
+def read_model_info(path: PathLike) -> ModelInfo:
+    """Shape of the model in a GGUF file; ModelNotFound / InvalidModelFile on bad input."""
+    path = Path(path).expanduser()
+    _check_file(path)
+    import gguf  # noqa: PLC0415  (keep `import pyllm_kv` light)
+
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as exc:  # the parser raises ValueError, IndexError, struct/numpy errors...
+        raise _corrupt(path, f"the GGUF parser failed: {exc}") from exc
+
+    # The parser maps tensor data lazily; make sure every tensor lies inside the file.
+    size = path.stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise _corrupt(path, f"tensor data needs {end} bytes, file has {size}")
+
+    try:
+        arch = _field(reader, "general.architecture")
+        if not arch:
+            raise ValueError("no general.architecture")
+        n_layer = int(_field(reader, f"{arch}.block_count"))
+        n_embd = int(_field(reader, f"{arch}.embedding_length"))
+        heads = _as_list(_field(reader, f"{arch}.attention.head_count"), n_layer)
+        kv_raw = _field(reader, f"{arch}.attention.head_count_kv")
+        heads_kv = heads if kv_raw is None else _as_list(kv_raw, n_layer)
+        n_head = max(heads)
+        head_dim_k = int(_field(reader, f"{arch}.attention.key_length", 0)) or n_embd // n_head
+        head_dim_v = int(_field(reader, f"{arch}.attention.value_length", 0)) or n_embd // n_head
+        n_ctx_train = int(_field(reader, f"{arch}.context_length", 0))
+        vocab = _field(reader, f"{arch}.vocab_size")
+        if vocab is None:
+            tokens = reader.fields.get("tokenizer.ggml.tokens")
+            vocab = len(tokens.data) if tokens is not None else 0
+        template = _field(reader, "tokenizer.chat_template")
+        name = _field(reader, "general.name", "") or path.stem
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as exc:
+        raise _corrupt(path, f"missing or malformed model metadata: {exc}") from exc
+
+    return ModelInfo(
+        path=str(path),
+        arch=str(arch),
+        name=str(name),
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=max(heads_kv),
+        head_dim_k=head_dim_k,
+        head_dim_v=head_dim_v,
+        n_ctx_train=n_ctx_train,
+        n_vocab=int(vocab),
+        has_chat_template=bool(template),
+        n_head_kv_per_layer=heads_kv,
+    )
+
+
+def _kv_values_per_token(info: ModelInfo) -> "tuple[int, int]":
+    """Values stored per token over all layers: (K values, V values)."""
+    kv_heads = sum(info.n_head_kv_per_layer) or info.n_head_kv * info.n_layer
+    return kv_heads * info.head_dim_k, kv_heads * info.head_dim_v
+
+
+def side_state_bytes(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str | formats.Format") -> int:
+    """Per-sequence side state (transforms etc.) of the whole model: O(layers), not O(tokens)."""
+    k, v = formats.resolve(fmt_k), formats.resolve(fmt_v)
+    return info.n_layer * (k.side_state_bytes + v.side_state_bytes)
+
+
+def kv_bytes_per_token(
+    info: ModelInfo,
+    fmt_k: "str | formats.Format",
+    fmt_v: "str | formats.Format",
+    n_ctx: Optional[int] = None,
+) -> float:
+    """KV-cache bytes per token of context, all layers, K plus V.
+
+    Side state does not grow with the context; when ``n_ctx`` is given it is
+    spread over it (total / n_ctx) so the figure stays honest for formats that
+    have it. Without ``n_ctx`` only the per-token rows are counted.
+    """
+    k, v = formats.resolve(fmt_k), formats.resolve(fmt_v)
+    n_k, n_v = _kv_values_per_token(info)
+    per_token = k.row_bytes(n_k) + v.row_bytes(n_v)
+    if n_ctx:
+        per_token += side_state_bytes(info, k, v) / n_ctx
+    return per_token
+
+
+def check_head_dim(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str | formats.Format") -> None:
+    """Raise UnsupportedHeadDim unless K/V head dims are multiples of the formats' blocks.
+
+    A cache row is one token's K (or V) for all KV heads of a layer; llama.cpp
+    views it per head, so each head must consist of whole blocks.
+    """
+    from .errors import UnsupportedHeadDim  # noqa: PLC0415
+
+    for what, fmt, dim in (("K", formats.resolve(fmt_k), info.head_dim_k), ("V", formats.resolve(fmt_v), info.head_dim_v)):
+        if dim % fmt.block:
+            ok = [f.name for f in formats.FORMATS.values() if dim % f.block == 0]
+            raise UnsupportedHeadDim(
+                f"cache format {fmt.name!r} stores blocks of {fmt.block} values, but this model's "
+                f"{what} head_dim is {dim} (not a multiple of {fmt.block}). "
+                f"Choose a format whose block divides {dim}: {', '.join(ok)}."
+            )
