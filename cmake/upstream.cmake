@@ -121,10 +121,20 @@ function(pkv_prepare_upstream)
         file(READ "${_stamp}" _old)
     endif()
     if (NOT _old STREQUAL _stamp_text OR NOT EXISTS "${_tree}/CMakeLists.txt")
-        message(STATUS "pyllm-kv: copying ${_pristine} -> ${_tree}")
-        file(REMOVE_RECURSE "${_tree}")
-        file(COPY "${_pristine}/" DESTINATION "${_tree}" PATTERN ".git" EXCLUDE)
-        _pkv_apply_patches("${_tree}" "${A_PATCH_DIR}")
+        # Patch a fresh staging copy, then copy over only files whose content
+        # changed: editing one patch then rebuilds only what it touches.
+        set(_stage "${CMAKE_BINARY_DIR}/llama.cpp-staging")
+        message(STATUS "pyllm-kv: patching a copy of ${_pristine}")
+        file(REMOVE_RECURSE "${_stage}")
+        file(COPY "${_pristine}/" DESTINATION "${_stage}" PATTERN ".git" EXCLUDE)
+        _pkv_apply_patches("${_stage}" "${A_PATCH_DIR}")
+        file(REMOVE_RECURSE "${_stage}/.git")   # only needed while applying
+        execute_process(COMMAND "${CMAKE_COMMAND}" -E copy_directory_if_different "${_stage}" "${_tree}"
+                        RESULT_VARIABLE _rc)
+        if (NOT _rc EQUAL 0)
+            message(FATAL_ERROR "pyllm-kv: could not copy the patched tree to ${_tree}")
+        endif()
+        file(REMOVE_RECURSE "${_stage}")
         file(WRITE "${_stamp}" "${_stamp_text}")
     endif()
 

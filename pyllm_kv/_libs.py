@@ -34,6 +34,28 @@ _PKG_DIR = Path(__file__).resolve().parent
 _MAX_GGML_TYPES = 512
 
 
+def _installed_dir(sub: str) -> Path:
+    """``pyllm_kv/<sub>`` next to this module, else in the installed distribution.
+
+    The second case matters when Python imports pyllm_kv from a source checkout
+    (e.g. pytest run from the repo root) while the built libraries live in the
+    installed wheel.
+    """
+    here = _PKG_DIR / sub
+    if here.is_dir():
+        return here
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution("pyllm-kv")
+        installed = Path(str(dist.locate_file(f"pyllm_kv/{sub}")))
+        if installed.is_dir():
+            return installed.resolve()
+    except Exception:  # not installed: fall through to the in-package path
+        pass
+    return here
+
+
 def lib_dir() -> Path:
     """Directory holding libllama.so and libggml*.so.
 
@@ -41,13 +63,13 @@ def lib_dir() -> Path:
     copy bundled in the wheel.
     """
     env = os.environ.get("PYLLM_KV_LIB_DIR")
-    return Path(env).expanduser().resolve() if env else _PKG_DIR / "lib"
+    return Path(env).expanduser().resolve() if env else _installed_dir("lib")
 
 
 def bin_dir() -> Path:
     """Directory holding the llama.cpp tools (llama-bench, llama-perplexity, ...)."""
     env = os.environ.get("PYLLM_KV_BIN_DIR")
-    return Path(env).expanduser().resolve() if env else _PKG_DIR / "bin"
+    return Path(env).expanduser().resolve() if env else _installed_dir("bin")
 
 
 def _shared_lib(stem: str) -> Path:

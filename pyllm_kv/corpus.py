@@ -53,7 +53,7 @@ ENV_VAR = "PYLLM_KV_CORPUS"
 
 
 class CorpusNotFoundError(PyllmKvError, FileNotFoundError):
-    """The default evaluation corpus is not installed."""
+    """The default evaluation corpus is not installed (or a given text file does not exist)."""
 
 
 def describe() -> dict:
@@ -139,7 +139,8 @@ def read_text_file(path: str | os.PathLike) -> str:
     """Read a user-supplied UTF-8 text file (Gutenberg boilerplate stripped)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"text file not found: {p}")
+        raise CorpusNotFoundError(f"text file not found: {p}; pass an existing UTF-8 text file, "
+                                  "or leave --text out to use the default corpus")
     data = p.read_bytes()
     if p.suffix in (".gz", ".dz"):
         data = gzip.decompress(data)

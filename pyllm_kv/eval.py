@@ -39,6 +39,7 @@ from .eval_metrics import Accumulator, Reference, compare
 
 __all__ = [
     "DEFAULT_FORMATS",
+    "EvalError",
     "REFERENCE",
     "parse_formats",
     "evaluate",
@@ -54,6 +55,10 @@ REFERENCE = "f16"
 DEFAULT_FORMATS = ("f16", "q8_0", "q5_0", "q4_0", "iq4_nl", "kv4", "kv3", "kv2")
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+class EvalError(PyllmKvError, ValueError):
+    """Bad evaluation settings (ctx, chunks) or a text too short for one chunk."""
 
 
 # ---------------------------------------------------------------------------- formats
@@ -212,9 +217,9 @@ def evaluate(
     _check_available(pairs + [(REFERENCE, REFERENCE, REFERENCE)])
     ctx = int(ctx)
     if ctx < 8 or ctx % 2:
-        raise ValueError(f"ctx must be an even number >= 8, got {ctx}")
+        raise EvalError(f"ctx must be an even number >= 8 (e.g. 512), got {ctx}")
     if chunks is not None and int(chunks) < 1:
-        raise ValueError(f"chunks must be >= 1, got {chunks}")
+        raise EvalError(f"chunks must be >= 1, got {chunks}")
     if text is None:
         body, text_source = corpus.load_text(), corpus.describe()
     else:
@@ -234,7 +239,8 @@ def evaluate(
         tokens = np.asarray(ref.model.tokenize(body, add_bos=add_bos), dtype=np.int32)
         n_avail = len(tokens) // ctx
         if n_avail < 1:
-            raise ValueError(f"the text has {len(tokens)} tokens, fewer than one chunk of ctx={ctx}")
+            raise EvalError(f"the text has {len(tokens)} tokens, fewer than one chunk of ctx={ctx}: "
+                            "use a longer text or a smaller --ctx")
         n_chunks = n_avail if chunks is None else min(int(chunks), n_avail)
 
         # one context per candidate; an f16 entry reuses the reference run unless asked not to
@@ -491,7 +497,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="run an 'f16' entry in its own context instead of reusing the reference "
                              "(shows that a run is deterministic: its KLD must be 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    # SUPPRESS: absent unless given, so `pyllm-kv --verbose eval` (the global flag) still counts
+    parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="show llama.cpp's log")
     return parser
 
 
@@ -500,7 +508,7 @@ def run_cli(args: argparse.Namespace) -> int:
     result = evaluate(
         model=args.model, text=args.text, formats=args.formats, ctx=args.ctx, chunks=args.chunks,
         n_threads=args.threads, progress=not args.no_progress,
-        rerun_reference=args.rerun_reference, verbose=args.verbose,
+        rerun_reference=args.rerun_reference, verbose=bool(getattr(args, "verbose", False)),
     )
     print(format_table(result))
     sys.stdout.flush()
@@ -523,7 +531,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_cli(args)
-    except (PyllmKvError, corpus.CorpusNotFoundError, ValueError, FileNotFoundError) as exc:
+    except PyllmKvError as exc:
         print(f"pyllm-kv eval: error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,7 @@ from .errors import (
     FlashAttentionRequired,
     FormatNotAvailable,
     LlamaError,
+    PyllmKvError,
 )
 from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, read_model_info, side_state_bytes
 
@@ -111,6 +112,11 @@ class Model:
 
     # ---- basics -----------------------------------------------------------------
 
+    def _open(self) -> Any:
+        if self.llama is None:
+            raise PyllmKvError("this model was closed; load it again with pyllm_kv.load().")
+        return self.llama
+
     @property
     def path(self) -> str:
         return self.info.path
@@ -118,13 +124,13 @@ class Model:
     @property
     def n_ctx(self) -> int:
         """Context size llama.cpp actually allocated (it may round the request up)."""
-        return int(self.llama.n_ctx())
+        return int(self._open().n_ctx())
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
-        return list(self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+        return list(self._open().tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
+        return self._open().detokenize(list(tokens)).decode("utf-8", errors="replace")
 
     def close(self) -> None:
         """Free the llama.cpp context and model (also done by ``with`` and at garbage collection)."""
@@ -176,13 +182,17 @@ class Model:
         # Forget the previous call's cache. llama-cpp-python would otherwise reuse the
         # matching prefix and re-evaluate only the last prompt token, which computes that
         # token's logits through a different (batch-size-1) path than a fresh prefill.
-        self.llama.reset()
+        self._open().reset()
         with _context_overflow_as_error():
-            return self.llama.create_completion(prompt, stream=stream, **kw)
+            return self._open().create_completion(prompt, stream=stream, **kw)
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 0.95,
                  top_k: int = 40, seed: Optional[int] = None, stop: Optional[Iterable[str]] = None) -> str:
-        """Continue ``prompt``; returns only the new text. temperature 0 is greedy."""
+        """Continue ``prompt``; returns only the new text.
+
+        temperature 0 is greedy. Generation stops at end-of-generation tokens, at a
+        ``stop`` string, after ``max_tokens``, or when the context is full.
+        """
         out = self._completion(prompt, False, **self._sampling(max_tokens, temperature, top_p, top_k, seed, stop))
         return out["choices"][0]["text"]
 
@@ -201,10 +211,10 @@ class Model:
         import numpy  # noqa: PLC0415
 
         tokens = self._check_prompt(prompt)
-        self.llama.reset()
-        self.llama.eval(tokens)
-        ptr = _libs.llama_cpp().llama_get_logits_ith(self.llama.ctx, -1)
-        return numpy.ctypeslib.as_array(ptr, shape=(self.llama.n_vocab(),)).copy()
+        self._open().reset()
+        self._open().eval(tokens)
+        ptr = _libs.llama_cpp().llama_get_logits_ith(self._open().ctx, -1)
+        return numpy.ctypeslib.as_array(ptr, shape=(self._open().n_vocab(),)).copy()
 
     def chat(self, messages: List[Message], max_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 0.95, top_k: int = 40, seed: Optional[int] = None,
@@ -218,7 +228,7 @@ class Model:
         """
         kw = self._sampling(max_tokens, temperature, top_p, top_k, seed, None)
         with _context_overflow_as_error():
-            out = self.llama.create_chat_completion(messages=messages, stream=stream, **kw)
+            out = self._open().create_chat_completion(messages=messages, stream=stream, **kw)
         if not stream:
             return out["choices"][0]["message"].get("content") or ""
         return _texts(out, lambda c: c["choices"][0]["delta"].get("content") or "")

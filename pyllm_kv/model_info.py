@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Union
 
 from . import formats
-from .errors import InvalidModelFile, ModelNotFound
+from .errors import InvalidModelFile, ModelNotFound, UnsupportedHeadDim
 
 GGUF_MAGIC = b"GGUF"
 
@@ -188,8 +188,6 @@ def check_head_dim(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str |
     A cache row is one token's K (or V) for all KV heads of a layer; llama.cpp
     views it per head, so each head must consist of whole blocks.
     """
-    from .errors import UnsupportedHeadDim  # noqa: PLC0415
-
     for what, fmt, dim in (("K", formats.resolve(fmt_k), info.head_dim_k), ("V", formats.resolve(fmt_v), info.head_dim_v)):
         if dim % fmt.block:
             ok = [f.name for f in formats.FORMATS.values() if dim % f.block == 0]

@@ -21,6 +21,9 @@ void pkv_dequantize_row(int bits, const void * x, float * y, int64_t k);
 void pkv_vec_dot_kv4_q8_1(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
 void pkv_vec_dot_kv3_q8_1(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
 void pkv_vec_dot_kv2_q8_1(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
+void pkv_dequantize_row_kv4(const void * x, float * y, int64_t k);
+void pkv_dequantize_row_kv3(const void * x, float * y, int64_t k);
+void pkv_dequantize_row_kv2(const void * x, float * y, int64_t k);
 void pkv_quantize_row_q8_1_ref(const float * x, void * y, int64_t k);
 bool pkv_validate_row(int bits, const void * data, size_t nbytes);
 uint16_t pkv_fp32_to_fp16(float f);
@@ -68,6 +71,16 @@ def dequantize(bits: int, packed, n: int) -> np.ndarray:
     packed = np.ascontiguousarray(packed, dtype=np.uint8)
     out = np.empty(n, dtype=np.float32)
     L.pkv_dequantize_row(bits, ffi.from_buffer(packed), ffi.from_buffer("float[]", out), n)
+    return out
+
+
+def dequantize_fast(bits: int, packed, n: int) -> np.ndarray:
+    """The decode ggml calls (SIMD when compiled in); must equal dequantize()."""
+    ffi, L = lib()
+    fn = {4: L.pkv_dequantize_row_kv4, 3: L.pkv_dequantize_row_kv3, 2: L.pkv_dequantize_row_kv2}[bits]
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    out = np.empty(n, dtype=np.float32)
+    fn(ffi.from_buffer(packed), ffi.from_buffer("float[]", out), n)
     return out
 
 

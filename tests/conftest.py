@@ -24,7 +24,9 @@ def _find_lib_dir() -> "Path | None":
     candidates = []
     if os.environ.get("PYLLM_KV_LIB_DIR"):
         candidates.append(Path(os.environ["PYLLM_KV_LIB_DIR"]))
-    candidates += [REPO / "pyllm_kv" / "lib", REPO / "build" / "lib", REPO / "build" / "bin"]
+    from pyllm_kv import _libs  # finds the installed wheel's lib even from a checkout
+
+    candidates += [_libs.lib_dir(), REPO / "build" / "lib", REPO / "build" / "bin"]
     for c in candidates:
         if (c / "libllama.so").is_file() and (c / "libggml-base.so").is_file():
             return c.resolve()
@@ -65,7 +67,10 @@ def _require_format(name: str) -> None:
         return
     msg = (f"cache format {name!r} is not in the native library at {_libs.lib_dir()} "
            "(unpatched upstream build); it runs once the patched build is used")
-    if fmt.is_ours and os.environ.get("PYLLM_KV_REQUIRE_OURS") == "1":
+    # Our own build (it ships libpyllm_kv_native) must have every format of ours:
+    # a missing one there is a failure, never a skip.
+    ours_build = (_libs.lib_dir() / "libpyllm_kv_native.so").is_file()
+    if fmt.is_ours and (ours_build or os.environ.get("PYLLM_KV_REQUIRE_OURS") == "1"):
         pytest.fail(msg)
     pytest.skip(msg)
 

@@ -6,6 +6,7 @@ so the whole file runs in seconds on two cores.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -170,6 +171,7 @@ def test_prompt_longer_than_context(load):
 # ---- memory report -------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def _expected_bytes_per_token(model_path, bits_k, bits_v):
     """Straight from the GGUF: layers * kv heads * head_dim * bits / 8, K plus V."""
     import gguf
@@ -228,6 +230,8 @@ def test_close_and_context_manager(lib_dir, model_path):
         assert model.generate(PROMPT, max_tokens=2)
     assert model.llama is None
     model.close()  # idempotent
+    with pytest.raises(pyllm_kv.PyllmKvError, match="closed"):
+        model.generate(PROMPT)
 
 
 def test_default_model(lib_dir, model_path):

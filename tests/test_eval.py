@@ -71,7 +71,9 @@ def test_unknown_format_fails_before_any_model_run(monkeypatch):
         ev.evaluate(formats="f16,q4_0,q9_9")
     with pytest.raises(UnknownCacheFormat):
         ev.evaluate(formats="q8_0/nope")
-    # and through the CLI entry: a clean error, exit code 2
+    with pytest.raises(ev.EvalError):
+        ev.evaluate(formats="f16,q8_0", ctx=7)
+    # and through the CLI entry: a clean one-line error, exit code 2
     assert ev.main(["--formats", "f16,bogus", "--no-progress"]) == 2
 
 

@@ -8,4 +8,10 @@ void  pkv_pack_codes(int bits, const uint8_t * codes, uint8_t * payload);
 void  pkv_unpack_codes(int bits, const uint8_t * payload, uint8_t * codes);
 float pkv_dot_row_q8_1(int bits, const void * vx, const void * vy, int n);
 
+
+#if defined(__AVX2__)
+float pkv_dot_row_q8_1_avx2(int bits, const void * vx, const void * vy, int n);
+void  pkv_dequantize_row_avx2(int bits, const void * x, float * y, int64_t k);
+#endif
+
 #endif

@@ -44,6 +44,10 @@
 /* All our types, for tools that list cache types (-ctk/-ctv). */
 #define PKV_GGML_TYPE_LIST GGML_TYPE_KV4, GGML_TYPE_KV3, GGML_TYPE_KV2
 
+/* True for our types: ggml-cpu's tiled flash-attention prefill decodes their
+ * rows per tile (through to_float) instead of per query row. */
+#define PKV_GGML_IS_OURS(t) ((t) == GGML_TYPE_KV4 || (t) == GGML_TYPE_KV3 || (t) == GGML_TYPE_KV2)
+
 /* `case` labels for switches that dispatch all block-quantized types
  * generically through the traits (get_rows, ...). */
 #define PKV_GGML_TYPE_CASES                     \

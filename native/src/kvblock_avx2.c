@@ -1,0 +1,100 @@
+/* AVX2 paths for the block codec: the K dot product against q8_1 and the row
+ * decode that flash attention uses for V. Compiled in when the build targets
+ * AVX2 (GGML_NATIVE / -march=native on such a CPU), as ggml selects its own
+ * kernels; the scalar code in kvblock.c stays the reference. */
+#include "pkv_internal.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#include <string.h>
+
+/* The 64 codes of one block as two vectors: values 0..31 and 32..63, one byte
+ * each. The layouts in codec.h were chosen so this is shifts and masks only. */
+static inline void unpack64(int bits, const uint8_t * p, __m256i * c0, __m256i * c1) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m128i m2 = _mm_set1_epi8(0x03);
+    if (bits == 4) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *) p);
+        *c0 = _mm256_and_si256(q, m4);
+        *c1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        return;
+    }
+    /* 2-bit plane: value j + 16*s lives in bits 2s..2s+1 of byte j */
+    const __m128i q = _mm_loadu_si128((const __m128i *) p);
+    const __m128i s0 = _mm_and_si128(q, m2);
+    const __m128i s1 = _mm_and_si128(_mm_srli_epi16(q, 2), m2);
+    const __m128i s2 = _mm_and_si128(_mm_srli_epi16(q, 4), m2);
+    const __m128i s3 = _mm_and_si128(_mm_srli_epi16(q, 6), m2);
+    *c0 = _mm256_set_m128i(s1, s0);
+    *c1 = _mm256_set_m128i(s3, s2);
+    if (bits == 3) {
+        /* third bit of value j: bit j/8 of qh[j%8]. Byte j of the broadcast
+         * holds qh[j%8]; test it against the bit for j/8, map hits to 4. */
+        int64_t qh;
+        memcpy(&qh, p + 16, 8);
+        const __m256i h = _mm256_set1_epi64x(qh);
+        const __m256i b0 = _mm256_setr_epi64x(0x0101010101010101LL, 0x0202020202020202LL,
+                                              0x0404040404040404LL, 0x0808080808080808LL);
+        const __m256i b1 = _mm256_slli_epi64(b0, 4);
+        const __m256i four = _mm256_set1_epi8(4);
+        *c0 = _mm256_or_si256(*c0, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, b0), b0), four));
+        *c1 = _mm256_or_si256(*c1, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, b1), b1), four));
+    }
+}
+
+static inline __m256 dot32_u8_i8(__m256i codes, const int8_t * y) {
+    const __m256i yv = _mm256_loadu_si256((const __m256i *) y);
+    const __m256i p16 = _mm256_maddubs_epi16(codes, yv);       /* |sum| <= 2*15*127 */
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+float pkv_dot_row_q8_1_avx2(int bits, const void * vx, const void * vy, int n) {
+    const size_t bsz = pkv_block_bytes(bits);
+    const pkv_block_q8_1 * y = (const pkv_block_q8_1 *) vy;
+    __m256 acc = _mm256_setzero_ps();
+    float macc = 0.0f;
+    for (int i = 0; i < n / PKV_BLOCK; i++, y += 2) {
+        const uint8_t * blk = (const uint8_t *) vx + i * bsz;
+        uint16_t dm[2];
+        memcpy(dm, blk, sizeof(dm));
+        __m256i c0, c1;
+        unpack64(bits, blk + 4, &c0, &c1);
+        const float dx = pkv_fp16_to_fp32(dm[0]);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * pkv_fp16_to_fp32(y[0].d)), dot32_u8_i8(c0, y[0].qs), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * pkv_fp16_to_fp32(y[1].d)), dot32_u8_i8(c1, y[1].qs), acc);
+        macc += pkv_fp16_to_fp32(dm[1]) * (pkv_fp16_to_fp32(y[0].s) + pkv_fp16_to_fp32(y[1].s));
+    }
+    return hsum(acc) + macc;
+}
+
+static inline void store_affine8(float * dst, __m128i codes8, __m256 d, __m256 m) {
+    const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes8));
+    _mm256_storeu_ps(dst, _mm256_fmadd_ps(c, d, m));
+}
+
+void pkv_dequantize_row_avx2(int bits, const void * x, float * out, int64_t k) {
+    const size_t bsz = pkv_block_bytes(bits);
+    for (int64_t i = 0; i < k / PKV_BLOCK; i++, out += PKV_BLOCK) {
+        const uint8_t * blk = (const uint8_t *) x + i * bsz;
+        uint16_t dm[2];
+        memcpy(dm, blk, sizeof(dm));
+        const __m256 d = _mm256_set1_ps(pkv_fp16_to_fp32(dm[0]));
+        const __m256 m = _mm256_set1_ps(pkv_fp16_to_fp32(dm[1]));
+        __m256i c0, c1;
+        unpack64(bits, blk + 4, &c0, &c1);
+        const __m128i parts[4] = { _mm256_castsi256_si128(c0), _mm256_extracti128_si256(c0, 1),
+                                   _mm256_castsi256_si128(c1), _mm256_extracti128_si256(c1, 1) };
+        for (int p = 0; p < 4; p++) {
+            store_affine8(out + 16 * p,     parts[p],                     d, m);
+            store_affine8(out + 16 * p + 8, _mm_srli_si128(parts[p], 8), d, m);
+        }
+    }
+}
+#endif
