@@ -91,6 +91,20 @@ def _ggml_id(fmt: formats.Format) -> int:
         ) from None
 
 
+def _check_gpu_offload(fk: formats.Format, fv: formats.Format, n_gpu_layers: int) -> None:
+    """Our formats have no CUDA kernels yet: with layers offloaded, their KV cache
+    would live in GPU memory where no backend can write it, so refuse up front."""
+    if n_gpu_layers == 0 or formats.OURS_CUDA == "yes":
+        return
+    ours = [f.name for f in (fk, fv) if f.is_ours]
+    if ours and (_libs.lib_dir() / "libggml-cuda.so").is_file():
+        raise FormatNotAvailable(
+            f"cache format(s) {', '.join(sorted(set(ours)))} have no CUDA kernels yet "
+            f"(CUDA status: {formats.OURS_CUDA}); use n_gpu_layers=0 (--ngl 0), or an "
+            "upstream format (f16, q8_0, q4_0) for GPU offload."
+        )
+
+
 _OVERFLOW_RE = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 
 
@@ -329,6 +343,7 @@ def load(
     if n_ctx < 0:
         raise ContextOverflow(f"n_ctx must be >= 0 (0 = the model's trained {info.n_ctx_train}), got {n_ctx}.")
     type_k, type_v = _ggml_id(fk), _ggml_id(fv)
+    _check_gpu_offload(fk, fv, n_gpu_layers)
 
     llama_cpp = _libs.llama_cpp()
     try:

@@ -24,6 +24,10 @@ void pkv_vec_dot_kv2_q8_1(int n, float * s, size_t bs, const void * vx, size_t b
 void pkv_dequantize_row_kv4(const void * x, float * y, int64_t k);
 void pkv_dequantize_row_kv3(const void * x, float * y, int64_t k);
 void pkv_dequantize_row_kv2(const void * x, float * y, int64_t k);
+void pkv_vec_mad_kv4(float * y, const void * x, float v, int n);
+void pkv_vec_mad_kv3(float * y, const void * x, float v, int n);
+void pkv_vec_mad_kv2(float * y, const void * x, float v, int n);
+void pkv_vec_mad_row(int bits, float * y, const void * x, float v, int n);
 void pkv_quantize_row_q8_1_ref(const float * x, void * y, int64_t k);
 bool pkv_validate_row(int bits, const void * data, size_t nbytes);
 uint16_t pkv_fp32_to_fp16(float f);
@@ -81,6 +85,20 @@ def dequantize_fast(bits: int, packed, n: int) -> np.ndarray:
     packed = np.ascontiguousarray(packed, dtype=np.uint8)
     out = np.empty(n, dtype=np.float32)
     fn(ffi.from_buffer(packed), ffi.from_buffer("float[]", out), n)
+    return out
+
+
+def vec_mad(bits: int, acc, packed, v: float, reference: bool = False) -> np.ndarray:
+    """acc + v * decode(packed), via the kernel ggml's flash attention calls
+    (or the scalar reference with reference=True). Returns a new array."""
+    ffi, L = lib()
+    out = np.array(acc, dtype=np.float32, copy=True)
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    y, x = ffi.from_buffer("float[]", out), ffi.from_buffer(packed)
+    if reference:
+        L.pkv_vec_mad_row(bits, y, x, v, out.size)
+    else:
+        {4: L.pkv_vec_mad_kv4, 3: L.pkv_vec_mad_kv3, 2: L.pkv_vec_mad_kv2}[bits](y, x, v, out.size)
     return out
 
 

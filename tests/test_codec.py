@@ -141,6 +141,22 @@ def test_simd_decode_equals_scalar(bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
+def test_vec_mad_matches_float64(bits):
+    """V accumulation kernel: acc + v*decode(row) against float64."""
+    rng = np.random.default_rng()
+    n = 4 * B
+    for _ in range(10):
+        x = (rng.standard_normal(n) * 3).astype(np.float32)
+        acc = rng.standard_normal(n).astype(np.float32)
+        v = float(rng.uniform(0, 1))
+        packed = native.quantize(bits, x)
+        want = acc.astype(np.float64) + v * native.dequantize(bits, packed, n).astype(np.float64)
+        for ref in (False, True):
+            got = native.vec_mad(bits, acc, packed, v, reference=ref)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("bits", BITS)
 def test_nonfinite_policy(bits):
     """NaN is stored as 0, +-Inf saturates to +-65504; decode is always finite."""
     x = np.linspace(-1, 1, B).astype(np.float32)

@@ -162,6 +162,21 @@ float pkv_dot_row_q8_1(int bits, const void * vx, const void * vy, int n) {
     return acc;
 }
 
+void pkv_vec_mad_row(int bits, float * y, const void * x, float v, int n) {
+    const size_t bsz = pkv_block_bytes(bits);
+    uint8_t codes[PKV_BLOCK];
+    for (int i = 0; i < n / PKV_BLOCK; i++) {
+        const uint8_t * blk = (const uint8_t *) x + i * bsz;
+        uint16_t dm[2];
+        memcpy(dm, blk, sizeof(dm));
+        const float d = v * pkv_fp16_to_fp32(dm[0]), m = v * pkv_fp16_to_fp32(dm[1]);
+        pkv_unpack_codes(bits, PKV_PAYLOAD(blk), codes);
+        for (int j = 0; j < PKV_BLOCK; j++) {
+            y[i * PKV_BLOCK + j] += m + d * (float) codes[j];
+        }
+    }
+}
+
 void pkv_quantize_row_q8_1_ref(const float * x, void * vy, int64_t k) {
     pkv_block_q8_1 * y = (pkv_block_q8_1 *) vy;
     for (int64_t i = 0; i < k / PKV_Q8_1_BLOCK; i++) {

@@ -6,9 +6,11 @@
 #if defined(__AVX2__)
 #  define PKV_DOT   pkv_dot_row_q8_1_avx2
 #  define PKV_DEQ   pkv_dequantize_row_avx2
+#  define PKV_MAD   pkv_vec_mad_row_avx2
 #else
 #  define PKV_DOT   pkv_dot_row_q8_1
 #  define PKV_DEQ   pkv_dequantize_row
+#  define PKV_MAD   pkv_vec_mad_row
 #endif
 
 #define PKV_DEFINE_TYPE(B)                                                              \
@@ -22,6 +24,9 @@
                                   size_t bx, const void * vy, size_t by, int nrc) {     \
         (void) bs; (void) bx; (void) by; (void) nrc;                                    \
         *s = PKV_DOT(B, vx, vy, n);                                            \
+    }                                                                                   \
+    void pkv_vec_mad_kv##B(float * y, const void * x, float v, int n) {                 \
+        PKV_MAD(B, y, x, v, n);                                                         \
     }
 
 PKV_DEFINE_TYPE(4)

@@ -12,6 +12,7 @@ float pkv_dot_row_q8_1(int bits, const void * vx, const void * vy, int n);
 #if defined(__AVX2__)
 float pkv_dot_row_q8_1_avx2(int bits, const void * vx, const void * vy, int n);
 void  pkv_dequantize_row_avx2(int bits, const void * x, float * y, int64_t k);
+void  pkv_vec_mad_row_avx2(int bits, float * y, const void * x, float v, int n);
 #endif
 
 #endif

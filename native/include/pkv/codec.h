@@ -72,6 +72,13 @@ PKV_API void pkv_vec_dot_kv4_q8_1(int n, float * s, size_t bs, const void * vx, 
 PKV_API void pkv_vec_dot_kv3_q8_1(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
 PKV_API void pkv_vec_dot_kv2_q8_1(int n, float * s, size_t bs, const void * vx, size_t bx, const void * vy, size_t by, int nrc);
 
+/* y[0..n) += v * decode(x): flash attention's V accumulation without a
+ * separate decode pass into a float row. */
+PKV_API void pkv_vec_mad_kv4(float * y, const void * x, float v, int n);
+PKV_API void pkv_vec_mad_kv3(float * y, const void * x, float v, int n);
+PKV_API void pkv_vec_mad_kv2(float * y, const void * x, float v, int n);
+PKV_API void pkv_vec_mad_row(int bits, float * y, const void * x, float v, int n);  /* scalar reference */
+
 /* Reference q8_1 encoder (same rounding as ggml's), for tests of the dot. */
 PKV_API void pkv_quantize_row_q8_1_ref(const float * x, void * y, int64_t k);
 

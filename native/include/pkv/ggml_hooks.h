@@ -48,6 +48,13 @@
  * rows per tile (through to_float) instead of per query row. */
 #define PKV_GGML_IS_OURS(t) ((t) == GGML_TYPE_KV4 || (t) == GGML_TYPE_KV3 || (t) == GGML_TYPE_KV2)
 
+/* V accumulation in ggml-cpu's per-row flash attention (decode): VKQ += vs*V
+ * straight from the blocks. Evaluates to false for other types. */
+#define PKV_GGML_VEC_MAD(t, y, x, v, n)                                        \
+    ((t) == GGML_TYPE_KV4 ? (pkv_vec_mad_kv4((y), (x), (v), (n)), true) :      \
+     (t) == GGML_TYPE_KV3 ? (pkv_vec_mad_kv3((y), (x), (v), (n)), true) :      \
+     (t) == GGML_TYPE_KV2 ? (pkv_vec_mad_kv2((y), (x), (v), (n)), true) : false)
+
 /* `case` labels for switches that dispatch all block-quantized types
  * generically through the traits (get_rows, ...). */
 #define PKV_GGML_TYPE_CASES                     \
