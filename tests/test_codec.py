@@ -96,10 +96,13 @@ def test_matches_float64_reference(bits, scale):
     np.testing.assert_array_equal(m, m_ref)
     assert np.all(np.abs(d - d_ref) <= np.abs(d_ref) * 2**-10 + 1e-12)
     step = np.repeat(d_ref, B)
-    # decode agrees with the reference to within one code step; codes almost
-    # always identical (ties at .5 may round apart after fp32 arithmetic)
+    # decode agrees with the reference to within one code step everywhere
     assert np.all(np.abs(y - y_ref) <= step * 1.001 + 1e-7)
-    assert np.mean(np.isclose(y, y_ref, rtol=1e-6, atol=1e-9)) > 0.99
+    # where the stored scale is the same, the codes are the same too (but for
+    # rare ties at .5 that fp32 and fp64 arithmetic round apart)
+    same = np.repeat(d == d_ref, B)
+    assert same.mean() > 0.8
+    assert np.mean(np.isclose(y[same], y_ref[same], rtol=1e-6, atol=1e-9)) > 0.995
     # error bound of round-to-nearest with the stored (rounded) scale and minimum
     L = 2**bits - 1
     xb = x.astype(np.float64).reshape(-1, B)
@@ -209,6 +212,8 @@ def test_fp16_conversion_matches_numpy():
     xs = np.concatenate([rng.standard_normal(2000) * 10.0 ** rng.integers(-9, 6, 2000),
                          [0.0, -0.0, 65504.0, 65519.0, 65520.0, 6e-8, 3e-8, 1e-10]]).astype(np.float32)
     got = np.array([L.pkv_fp32_to_fp16(float(v)) for v in xs], dtype=np.uint16)
-    np.testing.assert_array_equal(got, xs.astype(np.float16).view(np.uint16))
+    with np.errstate(over="ignore"):  # 65520 -> inf is the case under test
+        want = xs.astype(np.float16)
+    np.testing.assert_array_equal(got, want.view(np.uint16))
     back = np.array([L.pkv_fp16_to_fp32(int(h)) for h in got], dtype=np.float32)
     np.testing.assert_array_equal(back, got.view(np.float16).astype(np.float32))
