@@ -432,6 +432,9 @@ def plot(result: Dict[str, Any], path: PathLike) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     cmap = plt.get_cmap("tab10")
+    # formats with the same bits per value (q4_0, iq4_nl, kv4): spread their labels
+    offsets = [((6, -10), "left"), ((-6, -10), "right"), ((6, 4), "left"), ((-6, 4), "right")]
+    seen_x: Dict[float, int] = {}
     for i, r in enumerate(recs):
         color = cmap(i % 10)
         x = r["bits_per_value"]
@@ -446,7 +449,10 @@ def plot(result: Dict[str, Any], path: PathLike) -> Path:
                 ax.plot([x, x], [y, y99], color=color, lw=0.8, alpha=0.6, zorder=2)
                 ax.scatter([x], [y99], s=size * 0.6, marker=marker, facecolors="none",
                            edgecolors=color, zorder=3)
-            ax.annotate(r["format"], (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
+            j = seen_x.get(round(x, 3), 0)
+            seen_x[round(x, 3)] = j + 1
+            xy, ha = offsets[j % len(offsets)]
+            ax.annotate(r["format"], (x, y), textcoords="offset points", xytext=xy, fontsize=8, ha=ha)
         else:
             ax.scatter([x], [floor], s=size, marker="v", color=color, zorder=3,
                        label=f"{r['format']} ({x:.3g} b/v): KLD = 0")
