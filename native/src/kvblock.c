@@ -120,19 +120,26 @@ void pkv_quantize_row(int bits, const float * x, void * y, int64_t k) {
     }
 }
 
-void pkv_dequantize_row(int bits, const void * x, float * y, int64_t k) {
+/* y = v * decode(x), or y += v * decode(x) when accumulate (scalar reference
+ * for both decode, v = 1, and flash attention's V accumulation). */
+static void affine_row(int bits, const void * x, float * y, int64_t k, float v, int accumulate) {
     const size_t bsz = pkv_block_bytes(bits);
     uint8_t codes[PKV_BLOCK];
     for (int64_t i = 0; i < k / PKV_BLOCK; i++) {
         const uint8_t * blk = (const uint8_t *) x + i * bsz;
         uint16_t dm[2];
         memcpy(dm, blk, sizeof(dm));
-        const float d = pkv_fp16_to_fp32(dm[0]), m = pkv_fp16_to_fp32(dm[1]);
+        const float d = v * pkv_fp16_to_fp32(dm[0]), m = v * pkv_fp16_to_fp32(dm[1]);
         pkv_unpack_codes(bits, PKV_PAYLOAD(blk), codes);
         for (int j = 0; j < PKV_BLOCK; j++) {
-            y[i * PKV_BLOCK + j] = m + d * (float) codes[j];
+            const float r = m + d * (float) codes[j];
+            y[i * PKV_BLOCK + j] = accumulate ? y[i * PKV_BLOCK + j] + r : r;
         }
     }
+}
+
+void pkv_dequantize_row(int bits, const void * x, float * y, int64_t k) {
+    affine_row(bits, x, y, k, 1.0f, 0);
 }
 
 /* sum_j x_j y_j over one row: per block, d_x * sum_h d_yh * <codes, q_h>
@@ -163,18 +170,7 @@ float pkv_dot_row_q8_1(int bits, const void * vx, const void * vy, int n) {
 }
 
 void pkv_vec_mad_row(int bits, float * y, const void * x, float v, int n) {
-    const size_t bsz = pkv_block_bytes(bits);
-    uint8_t codes[PKV_BLOCK];
-    for (int i = 0; i < n / PKV_BLOCK; i++) {
-        const uint8_t * blk = (const uint8_t *) x + i * bsz;
-        uint16_t dm[2];
-        memcpy(dm, blk, sizeof(dm));
-        const float d = v * pkv_fp16_to_fp32(dm[0]), m = v * pkv_fp16_to_fp32(dm[1]);
-        pkv_unpack_codes(bits, PKV_PAYLOAD(blk), codes);
-        for (int j = 0; j < PKV_BLOCK; j++) {
-            y[i * PKV_BLOCK + j] += m + d * (float) codes[j];
-        }
-    }
+    affine_row(bits, x, y, n, v, 1);
 }
 
 void pkv_quantize_row_q8_1_ref(const float * x, void * vy, int64_t k) {

@@ -74,52 +74,37 @@ float pkv_dot_row_q8_1_avx2(int bits, const void * vx, const void * vy, int n) {
     return hsum(acc) + macc;
 }
 
-static inline void store_affine8(float * dst, __m128i codes8, __m256 d, __m256 m) {
-    const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes8));
-    _mm256_storeu_ps(dst, _mm256_fmadd_ps(c, d, m));
-}
-
-static inline void add_affine8(float * dst, __m128i codes8, __m256 d, __m256 m) {
-    const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes8));
-    _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), _mm256_fmadd_ps(c, d, m)));
-}
-
-void pkv_vec_mad_row_avx2(int bits, float * y, const void * x, float v, int n) {
+/* out[0..k) = v * decode(x), or out += v * decode(x) when accumulate: decode
+ * (v = 1) and flash attention's V accumulation share the unpacking. The weight
+ * is folded into the block's scale and minimum; with v = 1 that is exact. */
+static inline void affine_row(int bits, const void * x, float * out, int64_t k, float v, int accumulate) {
     const size_t bsz = pkv_block_bytes(bits);
-    for (int i = 0; i < n / PKV_BLOCK; i++, y += PKV_BLOCK) {
+    for (int64_t i = 0; i < k / PKV_BLOCK; i++, out += PKV_BLOCK) {
         const uint8_t * blk = (const uint8_t *) x + i * bsz;
         uint16_t dm[2];
         memcpy(dm, blk, sizeof(dm));
-        /* fold the attention weight into the block's scale and minimum */
         const __m256 d = _mm256_set1_ps(v * pkv_fp16_to_fp32(dm[0]));
         const __m256 m = _mm256_set1_ps(v * pkv_fp16_to_fp32(dm[1]));
         __m256i c0, c1;
         unpack64(bits, blk + 4, &c0, &c1);
         const __m128i parts[4] = { _mm256_castsi256_si128(c0), _mm256_extracti128_si256(c0, 1),
                                    _mm256_castsi256_si128(c1), _mm256_extracti128_si256(c1, 1) };
-        for (int p = 0; p < 4; p++) {
-            add_affine8(y + 16 * p,     parts[p],                     d, m);
-            add_affine8(y + 16 * p + 8, _mm_srli_si128(parts[p], 8), d, m);
+        for (int p = 0; p < 8; p++) {
+            const __m128i c8 = (p & 1) ? _mm_srli_si128(parts[p / 2], 8) : parts[p / 2];
+            __m256 r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8)), d, m);
+            if (accumulate) {
+                r = _mm256_add_ps(_mm256_loadu_ps(out + 8 * p), r);
+            }
+            _mm256_storeu_ps(out + 8 * p, r);
         }
     }
 }
 
 void pkv_dequantize_row_avx2(int bits, const void * x, float * out, int64_t k) {
-    const size_t bsz = pkv_block_bytes(bits);
-    for (int64_t i = 0; i < k / PKV_BLOCK; i++, out += PKV_BLOCK) {
-        const uint8_t * blk = (const uint8_t *) x + i * bsz;
-        uint16_t dm[2];
-        memcpy(dm, blk, sizeof(dm));
-        const __m256 d = _mm256_set1_ps(pkv_fp16_to_fp32(dm[0]));
-        const __m256 m = _mm256_set1_ps(pkv_fp16_to_fp32(dm[1]));
-        __m256i c0, c1;
-        unpack64(bits, blk + 4, &c0, &c1);
-        const __m128i parts[4] = { _mm256_castsi256_si128(c0), _mm256_extracti128_si256(c0, 1),
-                                   _mm256_castsi256_si128(c1), _mm256_extracti128_si256(c1, 1) };
-        for (int p = 0; p < 4; p++) {
-            store_affine8(out + 16 * p,     parts[p],                     d, m);
-            store_affine8(out + 16 * p + 8, _mm_srli_si128(parts[p], 8), d, m);
-        }
-    }
+    affine_row(bits, x, out, k, 1.0f, 0);
+}
+
+void pkv_vec_mad_row_avx2(int bits, float * y, const void * x, float v, int n) {
+    affine_row(bits, x, y, n, v, 1);
 }
 #endif
