@@ -51,16 +51,24 @@ class Format:
         return n_values * self.bits / 8
 
 
-def _ours(bits: int, description: str) -> Format:
+# DecoQuant side state per layer, for K (or V): three float32 16x16 matrices
+# (S for the query, S^-1 for encoding, S^T for the output/K-shift), see
+# native/include/pkv/llama_side_state.h. O(layers), not O(tokens).
+DECO_GROUP = 16
+DECO_SIDE_STATE_BYTES = 3 * DECO_GROUP * DECO_GROUP * 4
+
+
+def _ours(bits: int, description: str, family: str = "kv", side_state_bytes: int = 0) -> Format:
     # b-bit codes + one fp16 scale + one fp16 minimum per block: b + 32/B bits per value.
     return Format(
-        name=f"kv{bits}",
+        name=f"{family}{bits}",
         bits=bits + 32 / OURS_BLOCK,
         block=OURS_BLOCK,
         cpu="yes",
         cuda=OURS_CUDA,
         description=description,
         is_ours=True,
+        side_state_bytes=side_state_bytes,
     )
 
 
@@ -77,6 +85,12 @@ _ALL = [
     _ours(4, "ours: 4-bit asymmetric, fp16 scale+min per 64 values"),
     _ours(3, "ours: 3-bit asymmetric, fp16 scale+min per 64 values"),
     _ours(2, "ours: 2-bit asymmetric, fp16 scale+min per 64 values"),
+    _ours(4, "ours: DecoQuant, rows whitened by a per-layer 16x16 S from the prompt, then kv4",
+          "deco", DECO_SIDE_STATE_BYTES),
+    _ours(3, "ours: DecoQuant, rows whitened by a per-layer 16x16 S from the prompt, then kv3",
+          "deco", DECO_SIDE_STATE_BYTES),
+    _ours(2, "ours: DecoQuant, rows whitened by a per-layer 16x16 S from the prompt, then kv2",
+          "deco", DECO_SIDE_STATE_BYTES),
 ]
 
 FORMATS: Dict[str, Format] = {f.name: f for f in _ALL}

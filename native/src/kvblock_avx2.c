@@ -3,9 +3,11 @@
  * AVX2 (GGML_NATIVE / -march=native on such a CPU), as ggml selects its own
  * kernels; the scalar code in kvblock.c stays the reference. */
 #include "pkv_internal.h"
+#include "pkv/attention.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 /* The 64 codes of one block as two vectors: values 0..31 and 32..63, one byte
@@ -106,5 +108,175 @@ void pkv_dequantize_row_avx2(int bits, const void * x, float * out, int64_t k) {
 
 void pkv_vec_mad_row_avx2(int bits, float * y, const void * x, float v, int n) {
     affine_row(bits, x, y, n, v, 1);
+}
+
+/* ---- flash-attention decode (pkv/attention.h) -------------------------------------- */
+
+/* fp16 -> fp32 inline: the conversions sit in the innermost loops here. */
+static inline float h2f(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    return pkv_fp16_to_fp32(h);
+#endif
+}
+
+#define PKV_FA_TILE 32
+
+bool pkv_fa_decode_chunk(const pkv_fa_decode_args * a) {
+    if (!a || a->n_q < 1 || a->n_q > PKV_FA_MAX_Q || a->dk <= 0 || a->dk % PKV_BLOCK || a->dk > PKV_FA_MAX_D ||
+        a->dv <= 0 || a->dv % PKV_BLOCK || a->dv > PKV_FA_MAX_D || !pkv_block_bytes(a->bits_k) ||
+        !pkv_block_bytes(a->bits_v) || a->n_kv < 0 || a->partial_stride < (size_t) a->dv + 2) {
+        return false;
+    }
+    const int nq = a->n_q;
+    const int nbk = a->dk / PKV_BLOCK, nbv = a->dv / PKV_BLOCK;
+    const size_t bk = pkv_block_bytes(a->bits_k), bv = pkv_block_bytes(a->bits_v);
+
+    /* queries as q8_1, with their scales and sums as floats */
+    pkv_block_q8_1 q8[PKV_FA_MAX_Q][PKV_FA_MAX_D / PKV_Q8_1_BLOCK];
+    float qd[PKV_FA_MAX_Q][PKV_FA_MAX_D / PKV_Q8_1_BLOCK];
+    float qsum[PKV_FA_MAX_Q][PKV_FA_MAX_D / PKV_BLOCK];
+    for (int i = 0; i < nq; i++) {
+        pkv_quantize_row_q8_1_ref(a->q + i * a->q_stride, q8[i], a->dk);
+        for (int b = 0; b < 2 * nbk; b++) {
+            qd[i][b] = h2f(q8[i][b].d);
+        }
+        for (int b = 0; b < nbk; b++) {
+            qsum[i][b] = h2f(q8[i][2 * b].s) + h2f(q8[i][2 * b + 1].s);
+        }
+    }
+
+    float M[PKV_FA_MAX_Q], S[PKV_FA_MAX_Q];
+    float * acc[PKV_FA_MAX_Q];
+    /* V minimums: sum_r p_r * m_r per block, added to acc at the end (kept
+     * apart so each row costs one FMA per 8 values, not two) */
+    float macc[PKV_FA_MAX_Q][PKV_FA_MAX_D / PKV_BLOCK];
+    for (int i = 0; i < nq; i++) {
+        M[i] = -INFINITY;
+        S[i] = 0.0f;
+        acc[i] = a->partials + i * a->partial_stride + 2;
+        memset(acc[i], 0, sizeof(float) * a->dv);
+        memset(macc[i], 0, sizeof(macc[i]));
+    }
+
+    float sc[PKV_FA_MAX_Q][PKV_FA_TILE];
+    uint8_t live[PKV_FA_TILE];
+    const __m256i ones = _mm256_set1_epi16(1);
+
+    for (int64_t t0 = 0; t0 < a->n_kv; t0 += PKV_FA_TILE) {
+        const int nt = (int) (a->n_kv - t0 < PKV_FA_TILE ? a->n_kv - t0 : PKV_FA_TILE);
+        int n_live = 0;
+
+        /* 1. scores of the tile: each K row unpacked once for all queries */
+        for (int r = 0; r < nt; r++) {
+            const float mv = a->mask ? h2f(a->mask[t0 + r]) : 0.0f;
+            live[r] = mv != -INFINITY;
+            if (!live[r]) {
+                continue;
+            }
+            n_live++;
+            const uint8_t * kr = (const uint8_t *) a->k + (t0 + r) * a->k_stride;
+            float sum[PKV_FA_MAX_Q] = { 0 };
+            for (int b = 0; b < nbk; b++) {
+                const uint8_t * blk = kr + b * bk;
+                uint16_t dm[2];
+                memcpy(dm, blk, sizeof(dm));
+                const float dk = h2f(dm[0]), mk = h2f(dm[1]);
+                __m256i c0, c1;
+                unpack64(a->bits_k, blk + 4, &c0, &c1);
+                for (int i = 0; i < nq; i++) {
+                    const __m256i y0 = _mm256_loadu_si256((const __m256i *) q8[i][2 * b].qs);
+                    const __m256i y1 = _mm256_loadu_si256((const __m256i *) q8[i][2 * b + 1].qs);
+                    const __m256 f0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c0, y0), ones));
+                    const __m256 f1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c1, y1), ones));
+                    const __m256 f = _mm256_fmadd_ps(_mm256_set1_ps(qd[i][2 * b]), f0,
+                                                     _mm256_mul_ps(_mm256_set1_ps(qd[i][2 * b + 1]), f1));
+                    sum[i] += dk * hsum(f) + mk * qsum[i][b];
+                }
+            }
+            for (int i = 0; i < nq; i++) {
+                sc[i][r] = sum[i] * a->scale + mv;
+            }
+        }
+        if (n_live == 0) {
+            continue;
+        }
+
+        /* 2. online softmax, once per tile: rescale only when the max grows */
+        for (int i = 0; i < nq; i++) {
+            float tmax = -INFINITY;
+            for (int r = 0; r < nt; r++) {
+                if (live[r] && sc[i][r] > tmax) {
+                    tmax = sc[i][r];
+                }
+            }
+            if (tmax > M[i]) {
+                const float ms = expf(M[i] - tmax);   /* 0 on the first live tile */
+                const __m256 vms = _mm256_set1_ps(ms);
+                for (int j = 0; j < a->dv; j += 8) {
+                    _mm256_storeu_ps(acc[i] + j, _mm256_mul_ps(vms, _mm256_loadu_ps(acc[i] + j)));
+                }
+                for (int b = 0; b < nbv; b++) {
+                    macc[i][b] *= ms;
+                }
+                S[i] *= ms;
+                M[i] = tmax;
+            }
+            float ssum = 0.0f;
+            for (int r = 0; r < nt; r++) {
+                const float p = live[r] ? expf(sc[i][r] - M[i]) : 0.0f;
+                sc[i][r] = p;
+                ssum += p;
+            }
+            S[i] += ssum;
+        }
+
+        /* 3. V: each row's codes converted to float once for all queries */
+        for (int r = 0; r < nt; r++) {
+            if (!live[r]) {
+                continue;
+            }
+            const uint8_t * vr = (const uint8_t *) a->v + (t0 + r) * a->v_stride;
+            for (int b = 0; b < nbv; b++) {
+                const uint8_t * blk = vr + b * bv;
+                uint16_t dm[2];
+                memcpy(dm, blk, sizeof(dm));
+                const float dvs = h2f(dm[0]), mvs = h2f(dm[1]);
+                __m256i c0, c1;
+                unpack64(a->bits_v, blk + 4, &c0, &c1);
+                const __m128i parts[4] = { _mm256_castsi256_si128(c0), _mm256_extracti128_si256(c0, 1),
+                                           _mm256_castsi256_si128(c1), _mm256_extracti128_si256(c1, 1) };
+                __m256 cf[8];
+                for (int p = 0; p < 8; p++) {
+                    const __m128i c8 = (p & 1) ? _mm_srli_si128(parts[p / 2], 8) : parts[p / 2];
+                    cf[p] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8));
+                }
+                for (int i = 0; i < nq; i++) {
+                    const float w = sc[i][r];
+                    const __m256 wd = _mm256_set1_ps(w * dvs);
+                    float * ap = acc[i] + b * PKV_BLOCK;
+                    for (int p = 0; p < 8; p++) {
+                        _mm256_storeu_ps(ap + 8 * p, _mm256_fmadd_ps(wd, cf[p], _mm256_loadu_ps(ap + 8 * p)));
+                    }
+                    macc[i][b] += w * mvs;
+                }
+            }
+        }
+    }
+
+    for (int i = 0; i < nq; i++) {
+        for (int b = 0; b < nbv; b++) {
+            const __m256 m = _mm256_set1_ps(macc[i][b]);
+            float * ap = acc[i] + b * PKV_BLOCK;
+            for (int p = 0; p < 8; p++) {
+                _mm256_storeu_ps(ap + 8 * p, _mm256_add_ps(m, _mm256_loadu_ps(ap + 8 * p)));
+            }
+        }
+        float * part = a->partials + i * a->partial_stride;
+        part[0] = M[i];
+        part[1] = S[i];
+    }
+    return true;
 }
 #endif

@@ -21,10 +21,16 @@
         .from_float_ref = (ggml_from_float_t) pkv_quantize_row_kv##B,       \
     },
 
+/* deco*: DecoQuant. The same block storage as kv*; what differs is that llama.cpp
+ * transforms rows with the cache's side state before storing them (and q and
+ * the attention output accordingly), see src/pkv/deco_graph in patches/. */
 #define PKV_GGML_TYPE_TRAITS                    \
     PKV_TYPE_ROW(GGML_TYPE_KV4, "kv4", 4)       \
     PKV_TYPE_ROW(GGML_TYPE_KV3, "kv3", 3)       \
-    PKV_TYPE_ROW(GGML_TYPE_KV2, "kv2", 2)
+    PKV_TYPE_ROW(GGML_TYPE_KV2, "kv2", 2)       \
+    PKV_TYPE_ROW(GGML_TYPE_DECO4, "deco4", 4)   \
+    PKV_TYPE_ROW(GGML_TYPE_DECO3, "deco3", 3)   \
+    PKV_TYPE_ROW(GGML_TYPE_DECO2, "deco2", 2)
 
 /* ggml-cpu.c: type_traits_cpu[] rows. K scores read the query as q8_1, whose
  * per-block sum lets the asymmetric minimum be applied once per block. */
@@ -39,34 +45,48 @@
 #define PKV_GGML_CPU_TYPE_TRAITS                \
     PKV_CPU_ROW(GGML_TYPE_KV4, 4)               \
     PKV_CPU_ROW(GGML_TYPE_KV3, 3)               \
-    PKV_CPU_ROW(GGML_TYPE_KV2, 2)
+    PKV_CPU_ROW(GGML_TYPE_KV2, 2)               \
+    PKV_CPU_ROW(GGML_TYPE_DECO4, 4)             \
+    PKV_CPU_ROW(GGML_TYPE_DECO3, 3)             \
+    PKV_CPU_ROW(GGML_TYPE_DECO2, 2)
 
 /* All our types, for tools that list cache types (-ctk/-ctv). */
-#define PKV_GGML_TYPE_LIST GGML_TYPE_KV4, GGML_TYPE_KV3, GGML_TYPE_KV2
+#define PKV_GGML_TYPE_LIST GGML_TYPE_KV4, GGML_TYPE_KV3, GGML_TYPE_KV2, \
+                           GGML_TYPE_DECO4, GGML_TYPE_DECO3, GGML_TYPE_DECO2
+
+/* Bits per code of our block storage (4, 3, 2), 0 for any other type. */
+#define PKV_GGML_BITS(t)                                                        \
+    (((t) == GGML_TYPE_KV4 || (t) == GGML_TYPE_DECO4) ? 4 :                     \
+     ((t) == GGML_TYPE_KV3 || (t) == GGML_TYPE_DECO3) ? 3 :                     \
+     ((t) == GGML_TYPE_KV2 || (t) == GGML_TYPE_DECO2) ? 2 : 0)
 
 /* True for our types: ggml-cpu's tiled flash-attention prefill decodes their
  * rows per tile (through to_float) instead of per query row. */
-#define PKV_GGML_IS_OURS(t) ((t) == GGML_TYPE_KV4 || (t) == GGML_TYPE_KV3 || (t) == GGML_TYPE_KV2)
+#define PKV_GGML_IS_OURS(t) (PKV_GGML_BITS(t) != 0)
+
+/* DecoQuant types: llama.cpp keeps a per-layer side state for them. */
+#define PKV_GGML_IS_DECO(t) ((t) == GGML_TYPE_DECO4 || (t) == GGML_TYPE_DECO3 || (t) == GGML_TYPE_DECO2)
 
 /* V accumulation in ggml-cpu's per-row flash attention (decode): VKQ += vs*V
  * straight from the blocks. Evaluates to false for other types. */
 #define PKV_GGML_VEC_MAD(t, y, x, v, n)                                        \
-    ((t) == GGML_TYPE_KV4 ? (pkv_vec_mad_kv4((y), (x), (v), (n)), true) :      \
-     (t) == GGML_TYPE_KV3 ? (pkv_vec_mad_kv3((y), (x), (v), (n)), true) :      \
-     (t) == GGML_TYPE_KV2 ? (pkv_vec_mad_kv2((y), (x), (v), (n)), true) : false)
+    (PKV_GGML_BITS(t) == 4 ? (pkv_vec_mad_kv4((y), (x), (v), (n)), true) :     \
+     PKV_GGML_BITS(t) == 3 ? (pkv_vec_mad_kv3((y), (x), (v), (n)), true) :     \
+     PKV_GGML_BITS(t) == 2 ? (pkv_vec_mad_kv2((y), (x), (v), (n)), true) : false)
 
 /* `case` labels for switches that dispatch all block-quantized types
  * generically through the traits (get_rows, ...). */
 #define PKV_GGML_TYPE_CASES                     \
     case GGML_TYPE_KV4:                         \
     case GGML_TYPE_KV3:                         \
-    case GGML_TYPE_KV2
+    case GGML_TYPE_KV2:                         \
+    case GGML_TYPE_DECO4:                       \
+    case GGML_TYPE_DECO3:                       \
+    case GGML_TYPE_DECO2
 
 /* ggml-quants.c: ggml_validate_row_data() cases. */
 #define PKV_GGML_VALIDATE_CASES(data, nbytes)                               \
-    case GGML_TYPE_KV4: if (!pkv_validate_row(4, data, nbytes)) return false; break; \
-    case GGML_TYPE_KV3: if (!pkv_validate_row(3, data, nbytes)) return false; break; \
-    case GGML_TYPE_KV2: if (!pkv_validate_row(2, data, nbytes)) return false; break;
+    PKV_GGML_TYPE_CASES: if (!pkv_validate_row(PKV_GGML_BITS(type), data, nbytes)) return false; break;
 
 /* Our q8_1 mirror must match ggml's block_q8_1 byte for byte. */
 #define PKV_GGML_STATIC_CHECKS \
