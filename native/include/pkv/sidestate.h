@@ -1,0 +1,187 @@
+/*
+ * pyllm-kv side state: the small per-prompt linear algebra behind two KV-cache
+ * methods that keep a little extra state next to the block codec of codec.h.
+ *
+ *   DecoQuant (arXiv 2405.12591): every group of g consecutive values of a
+ *     K/V row is mapped through a small g x g matrix fitted on the prompt's
+ *     own rows (data-free, no calibration set) before block quantization.
+ *   SQuat (arXiv 2503.24358): keys are block-quantized column by column with
+ *     GPTQ/OBS error feedback so that the quantization error lands (mostly)
+ *     orthogonal to the subspace spanned by the prompt's queries.
+ *
+ * Conventions for every function here:
+ *   - matrices are row-major: element (i, j) of an n x m matrix is M[i*m + j];
+ *   - storage is float (or double where stated), all internal arithmetic is
+ *     float64;
+ *   - non-finite input data (NaN, +-Inf) in the fitting inputs x and q is
+ *     treated as 0: a stray NaN must not poison a per-prompt transform. (The
+ *     codec itself, and pkv_squat_quantize_row, follow codec.h's policy for
+ *     the values being stored: NaN -> 0, +-Inf -> +-65504.)
+ *   - return value 0 means success, nonzero an error (documented per function).
+ *
+ * Plain C ABI: used by the patched llama.cpp and by Python via cffi.
+ */
+#ifndef PKV_SIDESTATE_H
+#define PKV_SIDESTATE_H
+
+#include "pkv/codec.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Dense linear algebra (float64, small n, no LAPACK)                        */
+/* ------------------------------------------------------------------------ */
+
+/* Largest n accepted by pkv_sym_eig / pkv_cholesky_upper. */
+#define PKV_LINALG_MAX_N 1024
+
+/* Eigen-decomposition of a real symmetric n x n matrix A by cyclic Jacobi
+ * rotations: A = V diag(evals) V^T.
+ *   evals: n eigenvalues, in descending order;
+ *   evecs: n x n row-major, COLUMN j is the unit eigenvector of evals[j]
+ *          (evecs[i*n + j]); V is orthogonal to ~1e-15.
+ * A is read in full and symmetrised as (A + A^T)/2. Each eigenvector's sign is
+ * fixed so that its component of largest magnitude (first one on ties) is
+ * positive, so results are deterministic. evals and evecs may not alias A.
+ * Returns 0 on success; -1 on bad arguments (n < 1 or > PKV_LINALG_MAX_N, NULL
+ * pointers, non-finite entries in A); -2 if out of memory; -3 if the sweeps
+ * did not converge (not observed in practice: Jacobi converges quadratically).
+ * Cost about 6 n^3 flops per sweep, 8-10 sweeps for distinct eigenvalues (up
+ * to ~20 for big clusters of equal ones); on one core about 2 ms at n = 64,
+ * 30 ms at n = 128, 0.2-0.5 s at n = 256. */
+PKV_API int pkv_sym_eig(int n, const double * A, double * evals, double * evecs);
+
+/* Upper Cholesky factor of a symmetric positive definite n x n matrix:
+ * A = U^T U, U upper triangular with positive diagonal (strictly lower part
+ * written as 0). Only the upper triangle of A is read. U may alias A.
+ * Returns 0 on success, -1 on bad arguments, -4 if A is not (numerically)
+ * positive definite. */
+PKV_API int pkv_cholesky_upper(int n, const double * A, double * U);
+
+/* ------------------------------------------------------------------------ */
+/* DecoQuant: per-prompt g x g group transform                                */
+/* ------------------------------------------------------------------------ */
+
+#define PKV_DECO_WHITEN 0   /* faithful: S = diag(sigma) V^T / sqrt(n_groups)  */
+#define PKV_DECO_ROTATE 1   /* orthonormal basis without sigma: S = V^T         */
+
+/* Relative floor on the eigenvalues of the group Gram matrix (WHITEN only):
+ * lambda_i := max(lambda_i, PKV_DECO_EIG_FLOOR * lambda_max).
+ * Why 1e-4: it caps cond(S) = sqrt(1/1e-4) = 100. That bounds (a) how much a
+ * later token's energy in a direction the prompt did not populate is
+ * amplified in u (at most 100x the prompt's RMS, far inside fp16 range), (b)
+ * how much the u-domain quantization error is amplified back through S, and
+ * (c) the float32 storage error of S and Sinv (it scales with cond(S)), so
+ * that S * Sinv = I to <= 2e-6 elementwise even for rank-deficient prompts
+ * (measured; ~5e-8 on well-conditioned ones). */
+#define PKV_DECO_EIG_FLOOR 1e-4
+
+/* Fit the DecoQuant transform from the prompt's own rows.
+ *
+ * x holds n_rows rows of row_len floats; row r starts at x + r*row_stride
+ * (stride in floats, row_stride >= row_len, so a per-head slice of a wider
+ * row works). Each row is cut into row_len/g consecutive groups of g values;
+ * all groups of all rows are the rows of M (n_groups x g,
+ * n_groups = n_rows * row_len / g). G = M^T M (float64) = V Lambda V^T,
+ * sigma_i = sqrt(lambda_i), eigenvalues descending.
+ *
+ * Output: S and Sinv, g x g row-major float, with the ROW-VECTOR convention:
+ *   encode  u   = x_g * Sinv   (x_g one group, a 1 x g row)
+ *   decode  x_g = u * S        (S * Sinv = I)
+ * i.e. u[j] = sum_i x_g[i] * Sinv[i*g + j], x_g[j] = sum_i u[i] * S[i*g + j].
+ *
+ *   PKV_DECO_WHITEN: S = diag(sigma) V^T / sqrt(n_groups),
+ *                    Sinv = V diag(sqrt(n_groups) / sigma).
+ *     Dividing by sqrt(n_groups) makes the columns of U = M * Sinv orthogonal
+ *     with unit RMS over the prompt (U^T U = n_groups * I before the floor),
+ *     so the encoded values are O(1) whatever the model's K/V magnitudes: far
+ *     inside fp16 range, and the block codec sees comparable columns.
+ *   PKV_DECO_ROTATE: S = V^T, Sinv = V (orthogonal; no floor needed).
+ * Row i of S is eigen-direction i (largest variance first); signs follow
+ * pkv_sym_eig (largest component of each eigenvector positive).
+ *
+ * Regularisation (rank-deficient prompts: 1 token, constant rows, zeros):
+ *   - WHITEN floors every eigenvalue at PKV_DECO_EIG_FLOOR * lambda_max
+ *     (see above); directions the prompt never used get the floor's scale.
+ *   - If lambda_max is 0 (all groups zero, or n_rows == 0), or is not finite,
+ *     or (WHITEN) the data's RMS is outside [1e-28, 1e28] so that float32
+ *     could not hold S and Sinv, S = Sinv = I (the transform is skipped).
+ *   - Non-finite values in x count as 0.
+ * In all successful cases S and Sinv are finite and S * Sinv = I to ~1e-6.
+ *
+ * Returns 0 on success (including the identity fallback); -1 on invalid
+ * arguments: NULL pointers (x may be NULL only if n_rows == 0), n_rows < 0,
+ * row_len < 1, row_len % g != 0, row_stride < row_len, g not in
+ * {16, 32, 64, 128}, unknown variant. -2: out of memory; -3: the eigensolver
+ * did not converge (not expected). On every error with a valid g, S and Sinv
+ * are set to the identity, so a caller that ignores the code stays lossless. */
+PKV_API int pkv_deco_fit(const float * x, int64_t n_rows, int64_t row_stride, int64_t row_len,
+                         int g, int variant, float * S, float * Sinv);
+
+/* ------------------------------------------------------------------------ */
+/* SQuat: key quantization with error orthogonal to the query subspace        */
+/* ------------------------------------------------------------------------ */
+
+/* Prepare the per-(layer, KV head) factor U for pkv_squat_quantize_row.
+ *
+ * q: n_q contiguous rows of d floats: the prompt's post-RoPE queries of all
+ *    query heads of one GQA group, rotated exactly like the keys will be.
+ * Q_hat (r x d) = the top-r right singular vectors of q scaled by their
+ *    singular values (from the eigen-decomposition of q^T q), with
+ *    r := min(r, d, n_q); directions with a zero singular value are dropped.
+ *    If normalize != 0, Q_hat is divided by its top singular value, so lambda
+ *    is relative to the strongest query direction (scale-free).
+ * A = I + lambda * Q_hat^T Q_hat (d x d, SPD, eigenvalues >= 1).
+ * U (d x d row-major float, upper triangular, lower part 0) is the upper
+ *    Cholesky factor of A^-1, i.e. A^-1 = U^T U (the GPTQ "Hinv" trick).
+ *    A^-1 is formed in closed form from the eigenvectors, then factored.
+ *
+ * Minimising (k_hat - k)^T A (k_hat - k) = |k_hat - k|^2 + lambda |Q_hat(k_hat - k)|^2
+ * is what pkv_squat_quantize_row approximates greedily.
+ *
+ * No regularisation is needed (A >= I). If n_q == 0, r == 0, lambda == 0 or
+ * q is all zero (after non-finite -> 0), U = I, and the encoder then equals
+ * plain pkv_quantize_row byte for byte.
+ * Returns 0 on success; -1 on bad arguments (d < 1 or > PKV_LINALG_MAX_N,
+ * n_q < 0, r < 0, lambda negative or not finite, NULL U, NULL q with n_q > 0);
+ * -2 out of memory; -3/-4 numerical failure (not expected). On any error
+ * with a valid d, U is set to the identity. */
+PKV_API int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float lambda,
+                              int normalize, float * U);
+
+/* Encode one key head vector k (d values, d a multiple of PKV_BLOCK) into
+ * d/64 blocks of the plain block format of codec.h (pkv_block_kv4/kv3/kv2 for
+ * bits 4/3/2, exactly the bytes pkv_quantize_row writes), so the existing
+ * decode / dot / vec_mad kernels read it unchanged: decode costs nothing
+ * extra; all SQuat work happens here, at encode time.
+ *
+ * Algorithm (GPTQ/OBS, column by column), w = k in float64:
+ *   for each block b (64 columns):
+ *     d, m = the plain encoder's fp16 scale and minimum of the block's CURRENT
+ *            (error-updated) w values, computed exactly as pkv_quantize_row
+ *            does (float32 of w, codec.h's NaN/Inf policy, fp16 rounding);
+ *     for each column j of the block, in order:
+ *       code_j = clamp(round((w_j - m) / d)) (same float rounding as the codec)
+ *       err    = (w_j - (m + d * code_j)) / U[j][j]
+ *       w_c   -= err * U[j][c]   for every later column c > j (any block)
+ * With U = I no error is propagated and the result is byte-identical to
+ * pkv_quantize_row. Non-finite k: NaN -> 0, +-Inf -> +-65504 (codec policy).
+ * A column whose U[j][j] is not positive and finite propagates no error.
+ * Bad arguments (bits not 2/3/4, d not a positive multiple of 64, NULL
+ * pointers) write nothing. Cost about d^2 flops per vector. */
+PKV_API void pkv_squat_quantize_row(int bits, const float * k, const float * U, int d, void * out);
+
+/* n_rows rows of n_heads*d values (contiguous); head h of every row is
+ * encoded with U_per_head + h*d*d. out receives n_rows rows of
+ * n_heads*d/64 blocks each, contiguous (the layout pkv_quantize_row writes
+ * for the whole row). */
+PKV_API void pkv_squat_quantize_rows(int bits, const float * k, int64_t n_rows, int n_heads,
+                                     const float * U_per_head, int d, void * out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PKV_SIDESTATE_H */

@@ -1,0 +1,178 @@
+/* SQuat side state and key encoder (sidestate.h): keys are quantized into the
+ * plain block format with GPTQ/OBS error feedback whose metric
+ * A = I + lambda Q_hat^T Q_hat penalises error inside the prompt's query
+ * subspace. Only encode differs from the plain codec; decode is unchanged. */
+#include "pkv/sidestate.h"
+#include "pkv_internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Cap on lambda * w_i (the weight of query direction i in A). A^-1 has
+ * eigenvalue 1/(1 + lambda w_i) along that direction and we form A^-1 as
+ * I - sum c_i v_i v_i^T, which loses relative accuracy in that eigenvalue as
+ * it approaches DBL_EPSILON. At 1e8 it keeps ~8 correct digits (Cholesky
+ * stays far from breakdown) and the direction is already weighted 1e8 times
+ * more than the orthogonal error, i.e. "no error here if at all possible". */
+#define PKV_SQUAT_MAX_WEIGHT 1e8
+
+/* Same as the codec's: NaN -> 0, beyond the fp16 range saturates. */
+static inline float sanitize(float v) {
+    if (v != v) return 0.0f;
+    if (v >  65504.0f) return  65504.0f;
+    if (v < -65504.0f) return -65504.0f;
+    return v;
+}
+
+static void identity_f(int d, float * U) {
+    for (int i = 0; i < d; i++) {
+        for (int j = 0; j < d; j++) U[(size_t) i * d + j] = i == j ? 1.0f : 0.0f;
+    }
+}
+
+int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float lambda,
+                      int normalize, float * U) {
+    if (!U || d < 1 || d > PKV_LINALG_MAX_N) return -1;
+    identity_f(d, U);   /* the answer for every trivial and error case */
+    if (n_q < 0 || r < 0 || !isfinite(lambda) || lambda < 0.0f || (!q && n_q > 0)) return -1;
+    if (n_q == 0 || r == 0 || lambda == 0.0f) return 0;
+
+    const size_t dd = (size_t) d * d;
+    double * C   = calloc(dd, sizeof(double));
+    double * V   = malloc(dd * sizeof(double));
+    double * lam = malloc((size_t) d * sizeof(double));
+    double * row = malloc((size_t) d * sizeof(double));
+    if (!C || !V || !lam || !row) {
+        free(C); free(V); free(lam); free(row);
+        return -2;
+    }
+
+    /* C = q^T q (upper triangle, then mirrored); non-finite entries count as 0 */
+    for (int64_t t = 0; t < n_q; t++) {
+        const float * qt = q + t * d;
+        for (int i = 0; i < d; i++) row[i] = isfinite(qt[i]) ? (double) qt[i] : 0.0;
+        for (int i = 0; i < d; i++) {
+            const double ri = row[i];
+            if (ri == 0.0) continue;
+            double * ci = C + (size_t) i * d;
+            for (int j = i; j < d; j++) ci[j] += ri * row[j];
+        }
+    }
+    for (int i = 0; i < d; i++) {
+        for (int j = 0; j < i; j++) C[(size_t) i * d + j] = C[(size_t) j * d + i];
+    }
+
+    int rc = pkv_sym_eig(d, C, lam, V);
+    if (rc == 0 && isfinite(lam[0]) && lam[0] > 0.0) {
+        /* Q_hat^T Q_hat = sum_{i<r} lam_i v_i v_i^T (sigma_i^2 = lam_i), divided
+         * by lam_0 when normalised. A^-1 = I - sum_i c_i v_i v_i^T with
+         * c_i = lambda w_i / (1 + lambda w_i) in [0, 1): closed form, exact to
+         * rounding, no general inverse needed. C is reused for A^-1. */
+        int rr = r;
+        if (rr > d) rr = d;
+        if ((int64_t) rr > n_q) rr = (int) n_q;
+        const double scale = normalize ? 1.0 / lam[0] : 1.0;
+        memset(C, 0, dd * sizeof(double));
+        for (int i = 0; i < d; i++) C[(size_t) i * d + i] = 1.0;
+        for (int k = 0; k < rr; k++) {
+            if (!(lam[k] > 0.0)) break;   /* descending: the rest are zero too */
+            double wgt = (double) lambda * lam[k] * scale;
+            if (wgt > PKV_SQUAT_MAX_WEIGHT) wgt = PKV_SQUAT_MAX_WEIGHT;
+            const double c = wgt / (1.0 + wgt);
+            for (int i = 0; i < d; i++) {
+                const double cvi = c * V[(size_t) i * d + k];
+                if (cvi == 0.0) continue;
+                double * ai = C + (size_t) i * d;
+                for (int j = i; j < d; j++) ai[j] -= cvi * V[(size_t) j * d + k];
+            }
+        }
+        /* upper triangle of A^-1 is what the factorisation reads */
+        rc = pkv_cholesky_upper(d, C, C);
+        if (rc == 0) {
+            for (size_t i = 0; i < dd; i++) U[i] = (float) C[i];
+        }
+    } else if (rc == -1) {
+        rc = 0;   /* cannot happen (C is finite); keep U = I */
+    }
+    /* lam_0 == 0 (all-zero queries): U = I as documented */
+
+    if (rc != 0) identity_f(d, U);
+    free(C); free(V); free(lam); free(row);
+    return rc;
+}
+
+/* All three block structs are {d, m, payload}: payload starts at byte 4. */
+#define PKV_PAYLOAD(blk) ((uint8_t *)(blk) + 2 * sizeof(uint16_t))
+
+/* Work buffer on the stack for usual head sizes; malloc beyond. */
+#define PKV_SQUAT_STACK_D 512
+
+void pkv_squat_quantize_row(int bits, const float * k, const float * U, int d, void * out) {
+    const size_t bsz = pkv_block_bytes(bits);
+    if (bsz == 0 || !k || !U || !out || d < PKV_BLOCK || d % PKV_BLOCK != 0) return;
+
+    double stack_w[PKV_SQUAT_STACK_D];
+    double * w = d <= PKV_SQUAT_STACK_D ? stack_w : malloc((size_t) d * sizeof(double));
+    if (!w) {
+        /* out of memory: still write a valid (plain) encoding */
+        pkv_quantize_row(bits, k, out, d);
+        return;
+    }
+    for (int i = 0; i < d; i++) w[i] = (double) sanitize(k[i]);
+
+    const int L = (1 << bits) - 1;
+    float wf[PKV_BLOCK];
+    uint8_t codes[PKV_BLOCK];
+    for (int b = 0; b < d / PKV_BLOCK; b++) {
+        const int j0 = b * PKV_BLOCK;
+        /* The block's scale and minimum from its current (error-updated)
+         * values, by the plain encoder itself so the rules cannot drift. */
+        for (int i = 0; i < PKV_BLOCK; i++) wf[i] = (float) w[j0 + i];
+        uint16_t dm[2];
+        pkv_encode_block(bits, wf, &dm[0], &dm[1], codes);
+        const float dq = pkv_fp16_to_fp32(dm[0]);
+        const float m  = pkv_fp16_to_fp32(dm[1]);
+        const float id = dq > 0.0f ? 1.0f / dq : 0.0f;
+
+        for (int i = 0; i < PKV_BLOCK; i++) {
+            const int j = j0 + i;
+            /* the codec's rounding expression, on the updated value */
+            const float x = sanitize((float) w[j]);
+            const float qf = floorf((x - m) * id + 0.5f);
+            const int code = qf < 0.0f ? 0 : (qf > (float) L ? L : (int) qf);
+            codes[i] = (uint8_t) code;
+
+            /* OBS step: spread this column's error over the later columns,
+             * weighted by row j of the Cholesky factor of A^-1. */
+            const double ujj = (double) U[(size_t) j * d + j];
+            if (!(ujj > 0.0) || !isfinite(ujj)) continue;
+            const double qv = (double) m + (double) dq * (double) code;
+            const double err = (w[j] - qv) / ujj;
+            if (err == 0.0) continue;
+            const float * uj = U + (size_t) j * d;
+            for (int c = j + 1; c < d; c++) w[c] -= err * (double) uj[c];
+        }
+
+        uint8_t * blk = (uint8_t *) out + (size_t) b * bsz;
+        memcpy(blk, dm, sizeof(dm));
+        pkv_pack_codes(bits, codes, PKV_PAYLOAD(blk));
+    }
+
+    if (w != stack_w) free(w);
+}
+
+void pkv_squat_quantize_rows(int bits, const float * k, int64_t n_rows, int n_heads,
+                             const float * U_per_head, int d, void * out) {
+    const size_t bsz = pkv_block_bytes(bits);
+    if (bsz == 0 || !k || !U_per_head || !out || n_rows < 0 || n_heads < 1 ||
+        d < PKV_BLOCK || d % PKV_BLOCK != 0) return;
+    const size_t head_bytes = (size_t) (d / PKV_BLOCK) * bsz;
+    for (int64_t r = 0; r < n_rows; r++) {
+        for (int h = 0; h < n_heads; h++) {
+            const int64_t idx = r * n_heads + h;
+            pkv_squat_quantize_row(bits, k + idx * d, U_per_head + (size_t) h * d * d, d,
+                                   (uint8_t *) out + (size_t) idx * head_bytes);
+        }
+    }
+}
