@@ -1,0 +1,194 @@
+"""DecoQuant cache types (deco4/deco3/deco2) end to end on SmolLM2.
+
+What is checked here is the llama.cpp side: the per-layer side state is fitted
+from the first ubatch, reused, reset with the cache, saved and restored with
+the session state, and survives a K-shift. The native math (fit, S·S⁻¹) has its
+own float64 tests in test_sidestate_math.py; the attention kernel in
+test_fa_decode.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyllm_kv
+from pyllm_kv import _libs
+
+N_CTX = 512
+DECO = ["deco4", "deco3", "deco2"]
+TEXT = ("The old lighthouse keeper climbed the stairs every evening to light the lamp. "
+        "Ships passing in the night relied on its beam to find the harbour, and the keeper "
+        "took pride in never having missed a single night in forty years of service.")
+
+
+@pytest.fixture(scope="module")
+def load(lib_dir, model_path, require_format):
+    cache = {}
+
+    def get(cache_k, cache_v=None, flash_attn=True):
+        cache_v = cache_v or cache_k
+        key = (cache_k, cache_v, flash_attn)
+        if key not in cache:
+            require_format(cache_k)
+            require_format(cache_v)
+            cache[key] = pyllm_kv.load(model_path, cache_k=cache_k, cache_v=cache_v, flash_attn=flash_attn,
+                                       n_ctx=N_CTX, n_threads=1)
+        return cache[key]
+
+    yield get
+    for m in cache.values():
+        m.close()
+
+
+def _all_logits(m, tokens, step=None):
+    """Logits after every token, from an empty cache, the prompt fed to llama_decode
+    in pieces of `step` tokens (default: all at once)."""
+    lc = _libs.llama_cpp()
+    ctx = m.llama.ctx
+    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+    step = step or len(tokens)
+    n_vocab = m.llama.n_vocab()
+    batch = lc.llama_batch_init(step, 0, 1)
+    out = []
+    try:
+        for p0 in range(0, len(tokens), step):
+            piece = tokens[p0:p0 + step]
+            batch.n_tokens = len(piece)
+            for i, t in enumerate(piece):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, p0 + i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1
+            assert lc.llama_decode(ctx, batch) == 0
+            ptr = lc.llama_get_logits(ctx)
+            out.append(np.ctypeslib.as_array(ptr, shape=(len(piece) * n_vocab,)).reshape(len(piece), n_vocab).copy())
+    finally:
+        lc.llama_batch_free(batch)
+    m.llama.reset()  # llama-cpp-python's own bookkeeping: nothing cached that it knows of
+    return np.concatenate(out).astype(np.float64)
+
+
+def _log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _kld_top1(ref, other):
+    lp, lq = _log_softmax(ref), _log_softmax(other)
+    kld = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    top1 = float(np.mean(ref.argmax(-1) == other.argmax(-1)))
+    return kld, top1
+
+
+@pytest.fixture(scope="module")
+def f16_logits(load):
+    m = load("f16")
+    return _all_logits(m, m.tokenize(TEXT))
+
+
+# Upper bounds on mean KLD vs the f16 cache over this short text, measured
+# with margin (see docs/quality.md for the corpus-level numbers).
+KLD_BOUND = {"deco4": 0.5, "deco3": 1.5, "deco2": 4.0}
+
+
+@pytest.mark.parametrize("fmt", DECO)
+def test_deco_generates_and_tracks_f16(load, f16_logits, fmt):
+    m = load(fmt)
+    assert m.generate("The capital of France is", max_tokens=8).strip(), "empty generation"
+    logits = _all_logits(m, m.tokenize(TEXT))
+    assert np.all(np.isfinite(logits))
+    kld, top1 = _kld_top1(f16_logits, logits)
+    assert kld < KLD_BOUND[fmt], (fmt, kld, top1)
+
+
+def test_deco4_answers_like_f16(load):
+    assert "Paris" in load("deco4").generate("The capital of France is", max_tokens=12)
+
+
+def test_deco_k_only_without_flash_attention(load, f16_logits):
+    """K deco with V f16 works with flash attention off (quantized V needs FA in llama.cpp)."""
+    m = load("deco4", "f16", flash_attn=False)
+    kld, _ = _kld_top1(f16_logits, _all_logits(m, m.tokenize(TEXT)))
+    assert kld < KLD_BOUND["deco4"]
+
+
+def test_first_prefill_split_over_ubatches(load, f16_logits):
+    """A prompt fed in 8-token batches: the side state comes from the first batch only."""
+    m = load("deco4")
+    logits = _all_logits(m, m.tokenize(TEXT), step=8)
+    assert np.all(np.isfinite(logits))
+    kld, top1 = _kld_top1(f16_logits, logits)
+    assert kld < 2 * KLD_BOUND["deco4"], (kld, top1)
+
+
+def test_side_state_is_refitted_per_prompt(load):
+    """Same prompt twice from an empty cache: identical logits (the side state was
+    reset and refitted, not left over from the other prompt in between)."""
+    m = load("deco3")
+    a = m.logits("A completely different prompt about cooking pasta with garlic")
+    b1 = m.logits(TEXT)
+    m.logits("Numbers: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20")
+    b2 = m.logits(TEXT)
+    np.testing.assert_array_equal(b1, b2)
+    assert not np.array_equal(a, b1)
+
+
+@pytest.mark.parametrize("fmt", ["deco4", "deco2"])
+def test_state_save_load_continues_identically(load, model_path, fmt):
+    """Save after the prompt, restore into a FRESH context (empty side state) and
+    continue greedily: same tokens as the uninterrupted run. Without the side
+    state in the state, the restored cells would be read with another S."""
+    m = load(fmt)
+    llama = m.llama
+    tokens = m.tokenize(TEXT)
+    llama.reset()
+    llama.eval(tokens)
+    state = llama.save_state()
+
+    def greedy(ll, n=12):
+        out = []
+        for _ in range(n):
+            t = int(np.argmax(ll.scores[ll.n_tokens - 1]))
+            out.append(t)
+            ll.eval([t])
+        return out
+
+    want = greedy(llama)
+    fresh = pyllm_kv.load(model_path, cache_k=fmt, cache_v=fmt, n_ctx=N_CTX, n_threads=1)
+    try:
+        fresh.logits("Some other text first, so the fresh context has a side state of its own.")
+        fresh.llama.load_state(state)
+        assert greedy(fresh.llama) == want
+    finally:
+        fresh.close()
+
+
+def test_k_shift_keeps_deco_cache_usable(load, lib_dir):
+    """Context shift: drop the first tokens and shift positions (llama.cpp re-ropes K,
+    which for deco means S-decode, RoPE, S-encode). The next-token distribution
+    after the shift must be as close to a fresh evaluation of the kept tokens as
+    it is for the plain kv4 format (both requantize K)."""
+    lc = _libs.llama_cpp()
+    results = {}
+    for fmt in ("kv4", "deco4"):
+        m = load(fmt)
+        llama = m.llama
+        tokens = m.tokenize(TEXT)
+        n_drop = 16
+        llama.reset()
+        llama.eval(tokens)
+        mem = lc.llama_get_memory(llama.ctx)
+        lc.llama_memory_seq_rm(mem, 0, 1, 1 + n_drop)                      # keep BOS
+        lc.llama_memory_seq_add(mem, 0, 1 + n_drop, -1, -n_drop)
+        kept = [tokens[0]] + tokens[1 + n_drop:]
+        llama.n_tokens = len(kept)
+        llama.input_ids[: len(kept)] = kept
+        probe = m.tokenize(" and", add_bos=False)
+        llama.eval(probe)
+        shifted = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
+        llama.reset()
+        llama.eval(kept + probe)
+        fresh = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
+        assert np.all(np.isfinite(shifted))
+        results[fmt] = _kld_top1(fresh[None], shifted[None])[0]
+    assert results["deco4"] < max(0.05, 3 * results["kv4"]), results
