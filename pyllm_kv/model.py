@@ -414,4 +414,11 @@ def load(
             f"(flash_attn={flash_attn}, n_ctx={n_ctx}, n_gpu_layers={n_gpu_layers}): {exc}. "
             "Run again with verbose=True (--verbose) to see llama.cpp's log."
         ) from exc
+    # llama.cpp rounds n_ctx up to a multiple of 256, but llama-cpp-python sizes its
+    # record of evaluated tokens by the requested n_ctx, and numpy silently drops the
+    # tokens written past its end (a 300-token conversation in n_ctx=128 -> 256 keeps
+    # only 128 in the record). Size the record by the context actually allocated.
+    if llama.n_ctx() > len(llama.input_ids):
+        llama.input_ids = llama.input_ids.copy()
+        llama.input_ids.resize(llama.n_ctx(), refcheck=False)
     return Model(llama, info, fk, fv, flash_attn, seed)
