@@ -48,6 +48,11 @@
  * rows per tile (through to_float) instead of per query row. */
 #define PKV_GGML_IS_OURS(t) ((t) == GGML_TYPE_KV4 || (t) == GGML_TYPE_KV3 || (t) == GGML_TYPE_KV2)
 
+/* Code width of our types (4/3/2; 0 for any other type): the CUDA side
+ * (patches/0009, native/cuda) keys on it, since every type of ours with the
+ * same width shares one block storage. */
+#define PKV_GGML_BITS(t) ((t) == GGML_TYPE_KV4 ? 4 : (t) == GGML_TYPE_KV3 ? 3 : (t) == GGML_TYPE_KV2 ? 2 : 0)
+
 /* V accumulation in ggml-cpu's per-row flash attention (decode): VKQ += vs*V
  * straight from the blocks. Evaluates to false for other types. */
 #define PKV_GGML_VEC_MAD(t, y, x, v, n)                                        \
