@@ -29,6 +29,7 @@ if [ "$STAGE" = build ]; then
     timeout 120 $B/llama-bench -m $M -ngl 99 -fa 1 -ctk $t -ctv $t -p 512 -n 64 -d 0,8192 -r 2 -o md 2>/dev/null | grep -E "^\|" | tee -a $OUT/bench_small.md
   done
 else
+  [ -f bench/make_shape_model.py ] || { echo "bench/make_shape_model.py is not written yet"; exit 1; }
   python3 bench/make_shape_model.py /tmp/shape8b.gguf .carry/smollm2-small.gguf || exit 1
   for t in f16 q4_0 kv4 kv2; do
     timeout 150 $B/llama-bench -m /tmp/shape8b.gguf -ngl 99 -fa 1 -ctk $t -ctv $t -p 512 -n 64 -d 0,8192,32768,65536 -r 2 -o md 2>$OUT/bench_shape_$t.err | grep -E "^\|" | tee -a $OUT/bench_shape.md
