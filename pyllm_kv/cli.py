@@ -54,7 +54,7 @@ def _model_options() -> argparse.ArgumentParser:
 def _sampling_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--max-tokens", type=int, default=None, metavar="N", help="tokens to generate")
+    g.add_argument("-n", "--max-tokens", type=int, default=None, metavar="N", help="tokens to generate (-1: until the context is full)")
     g.add_argument("--temp", type=float, default=0.0, metavar="T", help="temperature, 0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling (default 0.95)")
     return p
@@ -112,8 +112,10 @@ def _load(args: argparse.Namespace) -> Any:
     )
 
 
-def _max_tokens(args: argparse.Namespace) -> int:
-    return args.max_tokens if args.max_tokens is not None else args.max_tokens_default
+def _max_tokens(args: argparse.Namespace) -> Optional[int]:
+    n = args.max_tokens if args.max_tokens is not None else args.max_tokens_default
+    # -n -1 is llama.cpp's "no limit"; other negative numbers reach load()'s checks.
+    return None if n == -1 else n
 
 
 # ---- commands ------------------------------------------------------------------

@@ -54,3 +54,23 @@ class FormatNotAvailable(PyllmKvError, ValueError):
 
 class LlamaError(PyllmKvError, RuntimeError):
     """llama.cpp refused to load the model or create the context."""
+
+
+class InvalidParameter(PyllmKvError, ValueError):
+    """A parameter that cannot work: wrong type, out of range, NaN (n_ctx, n_batch,
+    max_tokens, temperature, ...). Checked before llama.cpp sees it, because llama.cpp
+    would wrap it (n_ctx 2**32+256 becomes 256), ignore it, or crash (n_batch < 0)."""
+
+
+class InvalidPrompt(PyllmKvError, ValueError):
+    """A prompt or chat message list that cannot be tokenized: empty, not text,
+    not valid UTF-8 / Unicode, or messages without role/content."""
+
+
+class StateFileError(PyllmKvError, ValueError):
+    """A state file that cannot be loaded: not written by pyllm-kv, truncated, corrupt."""
+
+
+class StateMismatch(StateFileError):
+    """A valid state file saved with another model, cache format, flash-attention
+    setting or native build, or one that does not fit this context."""

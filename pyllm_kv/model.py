@@ -13,12 +13,13 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
-from . import _libs, formats
+from . import _libs, checks, formats
 from .errors import (
     ContextOverflow,
     DefaultModelMissing,
     FlashAttentionRequired,
     FormatNotAvailable,
+    InvalidPrompt,
     LlamaError,
     PyllmKvError,
 )
@@ -141,6 +142,7 @@ class Model:
         return int(self._open().n_ctx())
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> List[int]:
+        text = checks.prompt_text(text)
         return list(self._open().tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
@@ -167,6 +169,10 @@ class Model:
     def _check_prompt(self, prompt: str) -> List[int]:
         tokens = self.tokenize(prompt)
         n = len(tokens)
+        if n == 0:
+            # llama.cpp needs at least one token to compute logits from (this model adds no BOS).
+            raise InvalidPrompt("the prompt is empty: it has no tokens (this model adds no BOS token), "
+                                "and generation needs at least one. Pass some text.")
         if n >= self.n_ctx:
             raise ContextOverflow(
                 f"the prompt is {n} tokens but the context holds {self.n_ctx} "
@@ -176,23 +182,29 @@ class Model:
             )
         return tokens
 
-    def _sampling(self, max_tokens: int, temperature: float, top_p: float, top_k: int,
+    def _sampling(self, max_tokens: Optional[int], temperature: float, top_p: float, top_k: int,
                   seed: Optional[int], stop: Optional[Iterable[str]]) -> Dict[str, Any]:
         # temperature 0 selects llama.cpp's greedy sampler (top_p/top_k are then moot).
         # The seed is always passed explicitly: llama-cpp-python otherwise derives a
         # new one per call, so two identical calls would sample differently.
+        max_tokens, temperature, top_p, top_k, seed, stop = checks.sampling(
+            max_tokens, temperature, top_p, top_k, seed, stop)
         return dict(
-            max_tokens=max_tokens,
+            # llama-cpp-python reads max_tokens <= 0 as "until the context is full";
+            # ours is None for that, and 0 means no tokens (handled by the callers).
+            max_tokens=-1 if max_tokens is None else max_tokens,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             repeat_penalty=1.0,
             seed=self.seed if seed is None else seed,
-            stop=list(stop) if stop else [],
+            stop=stop,
         )
 
     def _completion(self, prompt: str, stream: bool, **kw: Any) -> Any:
         self._check_prompt(prompt)
+        if kw["max_tokens"] == 0:
+            return iter(()) if stream else {"choices": [{"text": ""}]}
         # Forget the previous call's cache. llama-cpp-python would otherwise reuse the
         # matching prefix and re-evaluate only the last prompt token, which computes that
         # token's logits through a different (batch-size-1) path than a fresh prefill.
@@ -205,7 +217,8 @@ class Model:
         """Continue ``prompt``; returns only the new text.
 
         temperature 0 is greedy. Generation stops at end-of-generation tokens, at a
-        ``stop`` string, after ``max_tokens``, or when the context is full.
+        ``stop`` string (a str or a list of them), after ``max_tokens`` (None: no
+        limit), or when the context is full; there is no context shift.
         """
         out = self._completion(prompt, False, **self._sampling(max_tokens, temperature, top_p, top_k, seed, stop))
         return out["choices"][0]["text"]
@@ -241,11 +254,43 @@ class Model:
         calls, so a growing conversation only prefills its new turns.
         """
         kw = self._sampling(max_tokens, temperature, top_p, top_k, seed, None)
+        messages = checks.messages(messages)
+        if kw["max_tokens"] == 0:
+            return iter(()) if stream else ""
         with _context_overflow_as_error():
             out = self._open().create_chat_completion(messages=messages, stream=stream, **kw)
         if not stream:
             return out["choices"][0]["message"].get("content") or ""
         return _texts(out, lambda c: c["choices"][0]["delta"].get("content") or "")
+
+    # ---- sessions: save the cache, continue later or elsewhere (pyllm_kv.state) ----
+
+    def prefill(self, prompt: str) -> int:
+        """Empty the cache and start a session with ``prompt`` (returns its token count);
+        continue it with :meth:`resume`, save it with :meth:`save_state`."""
+        from . import state  # noqa: PLC0415
+
+        return state.prefill(self, prompt)
+
+    def resume(self, max_tokens: Optional[int] = 64, temperature: float = 0.0, top_p: float = 0.95,
+               top_k: int = 40, seed: Optional[int] = None) -> str:
+        """Generate after the session's tokens (see :mod:`pyllm_kv.state`); returns the new text."""
+        from . import state  # noqa: PLC0415
+
+        return state.resume(self, max_tokens, temperature, top_p, top_k, seed)
+
+    def save_state(self, path: PathLike) -> None:
+        """Write the session (tokens and KV cache) to ``path``."""
+        from . import state  # noqa: PLC0415
+
+        state.save_state(self, path)
+
+    def load_state(self, path: PathLike) -> int:
+        """Restore a session written by :meth:`save_state` (same model, formats, flash_attn);
+        raises StateFileError / StateMismatch for anything else. Returns its token count."""
+        from . import state  # noqa: PLC0415
+
+        return state.load_state(self, path)
 
     # ---- memory ------------------------------------------------------------------
 
@@ -337,13 +382,17 @@ def load(
     ``cache_k``/``cache_v`` take names from ``pyllm_kv.formats`` (``pyllm-kv formats``).
     Everything that can be checked without llama.cpp is checked first.
     """
+    if model is not None:
+        checks.model_path(model)
+    checks.load_params(n_ctx, n_batch, n_threads, n_gpu_layers, seed, flash_attn)
     path = default_model_path() if model is None else Path(model).expanduser()
     info = read_model_info(path)  # ModelNotFound / InvalidModelFile
     fk, fv = validate_config(info, cache_k, cache_v, flash_attn)
-    if n_ctx < 0:
-        raise ContextOverflow(f"n_ctx must be >= 0 (0 = the model's trained {info.n_ctx_train}), got {n_ctx}.")
     type_k, type_v = _ggml_id(fk), _ggml_id(fv)
     _check_gpu_offload(fk, fv, n_gpu_layers)
+    if n_gpu_layers == 0:
+        ctx = n_ctx or info.n_ctx_train
+        checks.kv_fits_in_memory(kv_bytes_per_token(info, fk, fv) * ctx, ctx, f"K={fk.name} V={fv.name}")
 
     llama_cpp = _libs.llama_cpp()
     try:
@@ -365,4 +414,11 @@ def load(
             f"(flash_attn={flash_attn}, n_ctx={n_ctx}, n_gpu_layers={n_gpu_layers}): {exc}. "
             "Run again with verbose=True (--verbose) to see llama.cpp's log."
         ) from exc
+    # llama.cpp rounds n_ctx up to a multiple of 256, but llama-cpp-python sizes its
+    # record of evaluated tokens by the requested n_ctx, and numpy silently drops the
+    # tokens written past its end (a 300-token conversation in n_ctx=128 -> 256 keeps
+    # only 128 in the record). Size the record by the context actually allocated.
+    if llama.n_ctx() > len(llama.input_ids):
+        llama.input_ids = llama.input_ids.copy()
+        llama.input_ids.resize(llama.n_ctx(), refcheck=False)
     return Model(llama, info, fk, fv, flash_attn, seed)

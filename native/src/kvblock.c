@@ -184,7 +184,14 @@ void pkv_quantize_row_q8_1_ref(const float * x, void * vy, int64_t k) {
         const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
         int sum = 0;
         for (int j = 0; j < PKV_Q8_1_BLOCK; j++) {
-            const int q = (int) roundf(x[i * PKV_Q8_1_BLOCK + j] * id);
+            const float r = roundf(x[i * PKV_Q8_1_BLOCK + j] * id);
+            /* |r| <= 127 for any finite block whose 1/d is finite. Otherwise
+             * (an absmax below ~3.7e-37, e.g. fp32 subnormals, makes 1/d
+             * overflow to Inf; NaN/Inf input) r is +-Inf or NaN and (int) r
+             * is undefined behaviour (UBSan found it, then the sum
+             * overflowed): store 0 instead. For a tiny absmax fp16(d) is 0,
+             * so the block reads as 0 either way. */
+            const int q = (r >= -127.0f && r <= 127.0f) ? (int) r : 0;
             y[i].qs[j] = (int8_t) q;
             sum += q;
         }

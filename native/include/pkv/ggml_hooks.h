@@ -54,7 +54,9 @@
 #define PKV_GGML_TYPE_LIST GGML_TYPE_KV4, GGML_TYPE_KV3, GGML_TYPE_KV2, \
                            GGML_TYPE_DECO4, GGML_TYPE_DECO3, GGML_TYPE_DECO2
 
-/* Bits per code of our block storage (4, 3, 2), 0 for any other type. */
+/* Bits per code of our block storage (4, 3, 2), 0 for any other type. Every
+ * type of ours with the same width shares one block storage, so kernels (CPU
+ * decode, CUDA in patches/0009) key on this. */
 #define PKV_GGML_BITS(t)                                                        \
     (((t) == GGML_TYPE_KV4 || (t) == GGML_TYPE_DECO4) ? 4 :                     \
      ((t) == GGML_TYPE_KV3 || (t) == GGML_TYPE_DECO3) ? 3 :                     \

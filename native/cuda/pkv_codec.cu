@@ -1,0 +1,263 @@
+/* pyllm-kv CUDA codec launchers: set_rows / cpy (encode), get_rows and
+ * conversion to f16/f32 (decode). Formats: pkv/codec.h; helpers: pkv_cuda.cuh. */
+#include "pkv_cuda.h"
+#include "pkv_cuda.cuh"
+
+using namespace pkv;
+
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<half>(half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ half from_f<half>(float v) { return __float2half_rn(v); }
+
+constexpr int NT = 128;
+
+/* one thread per destination block */
+template <int B, typename src_t, typename idx_t>
+__global__ void k_set_rows(const char * __restrict__ src, const char * __restrict__ idx, char * __restrict__ dst,
+                           const int64_t nblk_row, const int64_t ne01, const int64_t ne02, const int64_t nblocks,
+                           const size_t nb01, const size_t nb02, const size_t nb03,
+                           const int64_t ne11, const int64_t ne12, const size_t nb10, const size_t nb11, const size_t nb12,
+                           const size_t nb1, const size_t nb2, const size_t nb3) {
+    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nblocks) return;
+    const int64_t ib  = i % nblk_row;
+    int64_t r = i / nblk_row;
+    const int64_t i01 = r % ne01; r /= ne01;
+    const int64_t i02 = r % ne02;
+    const int64_t i03 = r / ne02;
+    const int64_t row = (int64_t) *(const idx_t *) (idx + i01 * nb10 + (i02 % ne11) * nb11 + (i03 % ne12) * nb12);
+    const src_t * x = (const src_t *) (src + i01 * nb01 + i02 * nb02 + i03 * nb03) + ib * PKV_BLOCK;
+    float v[PKV_BLOCK];
+#pragma unroll
+    for (int j = 0; j < PKV_BLOCK; j++) v[j] = to_f<src_t>(x[j]);
+    uint32_t * out = (uint32_t *) (dst + row * nb1 + i02 * nb2 + i03 * nb3 + ib * fmt<B>::bytes);
+    encode_block<B>(v, out);
+}
+
+template <int B, typename src_t>
+int set_rows_t(const void * src, const void * idx, int idx_i64, void * dst,
+               int64_t ne00, int64_t ne01, int64_t ne02, int64_t ne03, size_t nb01, size_t nb02, size_t nb03,
+               int64_t ne11, int64_t ne12, size_t nb10, size_t nb11, size_t nb12,
+               size_t nb1, size_t nb2, size_t nb3, cudaStream_t stream) {
+    const int64_t nblk_row = ne00 / PKV_BLOCK;
+    const int64_t nblocks  = nblk_row * ne01 * ne02 * ne03;
+    if (nblocks == 0) return 0;
+    const dim3 grid((unsigned) ((nblocks + NT - 1) / NT));
+    if (idx_i64) {
+        k_set_rows<B, src_t, int64_t><<<grid, NT, 0, stream>>>((const char *) src, (const char *) idx, (char *) dst,
+            nblk_row, ne01, ne02, nblocks, nb01, nb02, nb03, ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3);
+    } else {
+        k_set_rows<B, src_t, int32_t><<<grid, NT, 0, stream>>>((const char *) src, (const char *) idx, (char *) dst,
+            nblk_row, ne01, ne02, nblocks, nb01, nb02, nb03, ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3);
+    }
+    return (int) cudaGetLastError();
+}
+
+struct dims4 { int64_t ne[4]; size_t nb[4]; };
+
+static __device__ __forceinline__ size_t offs_of(const dims4 & t, int64_t e) {
+    const int64_t i0 = e % t.ne[0]; e /= t.ne[0];
+    const int64_t i1 = e % t.ne[1]; e /= t.ne[1];
+    const int64_t i2 = e % t.ne[2];
+    const int64_t i3 = e / t.ne[2];
+    return i0 * t.nb[0] + i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3];
+}
+
+/* one thread per block of ours; element order = row-major order of each tensor */
+template <int B, bool TO_OURS>
+__global__ void k_cpy(const char * __restrict__ src, char * __restrict__ dst, const dims4 f, const dims4 q, const int64_t nblocks) {
+    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nblocks) return;
+    const int64_t e0 = i * PKV_BLOCK;           /* first element, also in ours: ne[0] % 64 == 0 */
+    int64_t r = e0;
+    const int64_t i0 = r % q.ne[0]; r /= q.ne[0];
+    const int64_t i1 = r % q.ne[1]; r /= q.ne[1];
+    const int64_t i2 = r % q.ne[2];
+    const int64_t i3 = r / q.ne[2];
+    const size_t qoff = (i0 / PKV_BLOCK) * fmt<B>::bytes + i1 * q.nb[1] + i2 * q.nb[2] + i3 * q.nb[3];
+    if constexpr (TO_OURS) {
+        float v[PKV_BLOCK];
+#pragma unroll
+        for (int j = 0; j < PKV_BLOCK; j++) v[j] = *(const float *) (src + offs_of(f, e0 + j));
+        encode_block<B>(v, (uint32_t *) (dst + qoff));
+    } else {
+        const uint32_t * w = (const uint32_t *) (src + qoff);
+#pragma unroll
+        for (int qd = 0; qd < 16; qd++) {
+            float y[4];
+            decode_quad<B>(w, qd, y);
+#pragma unroll
+            for (int k = 0; k < 4; k++) *(float *) (dst + offs_of(f, e0 + 4 * qd + k)) = y[k];
+        }
+    }
+}
+
+/* one thread per quad (4 values); rows of dst contiguous */
+template <int B, typename dst_t>
+__global__ void k_get_rows(const char * __restrict__ src, const int32_t * __restrict__ idx, dst_t * __restrict__ dst,
+                           const int64_t nq_row, const int64_t ne10, const int64_t ne11, const int64_t nquads,
+                           const size_t nb01, const size_t nb02, const size_t nb03,
+                           const size_t nb10, const size_t nb11, const size_t nb12,
+                           const size_t nb1, const size_t nb2, const size_t nb3) {
+    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nquads) return;
+    const int64_t iq = i % nq_row;
+    int64_t r = i / nq_row;
+    const int64_t i10 = r % ne10; r /= ne10;
+    const int64_t i11 = r % ne11;
+    const int64_t i12 = r / ne11;
+    const int64_t row = idx[(i10 * nb10 + i11 * nb11 + i12 * nb12) / sizeof(int32_t)];
+    const uint32_t * w = (const uint32_t *) (src + row * nb01 + i11 * nb02 + i12 * nb03 + (iq / 16) * fmt<B>::bytes);
+    float y[4];
+    decode_quad<B>(w, (int) (iq % 16), y);
+    dst_t * o = (dst_t *) ((char *) dst + i10 * nb1 + i11 * nb2 + i12 * nb3) + iq * 4;
+#pragma unroll
+    for (int k = 0; k < 4; k++) o[k] = from_f<dst_t>(y[k]);
+}
+
+/* one thread per quad, writing 4 consecutive outputs */
+template <int B, typename dst_t>
+__global__ void k_to_float(const char * __restrict__ src, dst_t * __restrict__ dst,
+                           const int64_t nq_row, const int64_t ne01, const int64_t ne02, const int64_t nquads,
+                           const int64_t s01, const int64_t s02, const int64_t s03) {
+    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nquads) return;
+    const int64_t iq = i % nq_row;
+    int64_t r = i / nq_row;
+    const int64_t i01 = r % ne01; r /= ne01;
+    const int64_t i02 = r % ne02;
+    const int64_t i03 = r / ne02;
+    const int64_t blk = i01 * s01 + i02 * s02 + i03 * s03 + iq / 16;
+    const uint32_t * w = (const uint32_t *) (src + blk * fmt<B>::bytes);
+    float y[4];
+    decode_quad<B>(w, (int) (iq % 16), y);
+    dst_t * o = dst + i * 4;
+    if constexpr (sizeof(dst_t) == 2) {
+        const half2 a = __floats2half2_rn(y[0], y[1]), b = __floats2half2_rn(y[2], y[3]);
+        uint2 u;
+        u.x = *(const uint32_t *) &a;
+        u.y = *(const uint32_t *) &b;
+        *(uint2 *) o = u;
+    } else {
+        *(float4 *) o = make_float4(y[0], y[1], y[2], y[3]);
+    }
+}
+
+} // namespace
+
+#define PKV_BITS_SWITCH(bits, F, ...)                     \
+    switch (bits) {                                       \
+        case 4: return F<4>(__VA_ARGS__);                 \
+        case 3: return F<3>(__VA_ARGS__);                 \
+        case 2: return F<2>(__VA_ARGS__);                 \
+        default: return -1;                               \
+    }
+
+namespace {
+template <int B>
+int set_rows_b(const void * src, int src_type, const void * idx, int idx_i64, void * dst,
+               int64_t ne00, int64_t ne01, int64_t ne02, int64_t ne03, size_t nb01, size_t nb02, size_t nb03,
+               int64_t ne11, int64_t ne12, size_t nb10, size_t nb11, size_t nb12,
+               size_t nb1, size_t nb2, size_t nb3, cudaStream_t stream) {
+    if (src_type == PKV_CUDA_T_F32) {
+        return set_rows_t<B, float>(src, idx, idx_i64, dst, ne00, ne01, ne02, ne03, nb01, nb02, nb03,
+                                    ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3, stream);
+    }
+    if (src_type == PKV_CUDA_T_F16) {
+        return set_rows_t<B, half>(src, idx, idx_i64, dst, ne00, ne01, ne02, ne03, nb01, nb02, nb03,
+                                   ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3, stream);
+    }
+    return -1;
+}
+
+template <int B>
+int cpy_b(int to_ours, const void * src, void * dst, const dims4 & f, const dims4 & q, int64_t nblocks, cudaStream_t stream) {
+    const dim3 grid((unsigned) ((nblocks + NT - 1) / NT));
+    if (to_ours) k_cpy<B, true ><<<grid, NT, 0, stream>>>((const char *) src, (char *) dst, f, q, nblocks);
+    else         k_cpy<B, false><<<grid, NT, 0, stream>>>((const char *) src, (char *) dst, f, q, nblocks);
+    return (int) cudaGetLastError();
+}
+
+template <int B>
+int get_rows_b(const void * src, const int32_t * idx, void * dst, int dst_type, int64_t ne00,
+               size_t nb01, size_t nb02, size_t nb03, int64_t ne10, int64_t ne11, int64_t ne12,
+               size_t nb10, size_t nb11, size_t nb12, size_t nb1, size_t nb2, size_t nb3, cudaStream_t stream) {
+    const int64_t nq_row = ne00 / 4;
+    const int64_t nquads = nq_row * ne10 * ne11 * ne12;
+    const dim3 grid((unsigned) ((nquads + NT - 1) / NT));
+    if (dst_type == PKV_CUDA_T_F32) {
+        k_get_rows<B, float><<<grid, NT, 0, stream>>>((const char *) src, idx, (float *) dst, nq_row, ne10, ne11, nquads,
+            nb01, nb02, nb03, nb10, nb11, nb12, nb1, nb2, nb3);
+    } else if (dst_type == PKV_CUDA_T_F16) {
+        k_get_rows<B, half><<<grid, NT, 0, stream>>>((const char *) src, idx, (half *) dst, nq_row, ne10, ne11, nquads,
+            nb01, nb02, nb03, nb10, nb11, nb12, nb1, nb2, nb3);
+    } else {
+        return -1;
+    }
+    return (int) cudaGetLastError();
+}
+
+template <int B>
+int to_float_b(const void * src, void * dst, int dst_type, int64_t ne00, int64_t ne01, int64_t ne02, int64_t ne03,
+               int64_t s01, int64_t s02, int64_t s03, cudaStream_t stream) {
+    const int64_t nq_row = ne00 / 4;
+    const int64_t nquads = nq_row * ne01 * ne02 * ne03;
+    const dim3 grid((unsigned) ((nquads + NT - 1) / NT));
+    if (dst_type == PKV_CUDA_T_F32) {
+        k_to_float<B, float><<<grid, NT, 0, stream>>>((const char *) src, (float *) dst, nq_row, ne01, ne02, nquads, s01, s02, s03);
+    } else if (dst_type == PKV_CUDA_T_F16) {
+        k_to_float<B, half><<<grid, NT, 0, stream>>>((const char *) src, (half *) dst, nq_row, ne01, ne02, nquads, s01, s02, s03);
+    } else {
+        return -1;
+    }
+    return (int) cudaGetLastError();
+}
+} // namespace
+
+extern "C" int pkv_cuda_set_rows(int bits, const void * src, int src_type, const void * idx, int idx_i64, void * dst,
+                                 int64_t ne00, int64_t ne01, int64_t ne02, int64_t ne03,
+                                 size_t nb01, size_t nb02, size_t nb03,
+                                 int64_t ne11, int64_t ne12, size_t nb10, size_t nb11, size_t nb12,
+                                 size_t nb1, size_t nb2, size_t nb3, cudaStream_t stream) {
+    if (ne00 % PKV_BLOCK != 0 || ne11 <= 0 || ne12 <= 0) return -1;
+    PKV_BITS_SWITCH(bits, set_rows_b, src, src_type, idx, idx_i64, dst, ne00, ne01, ne02, ne03, nb01, nb02, nb03,
+                    ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3, stream)
+}
+
+extern "C" int pkv_cuda_cpy(int bits, int to_ours, const void * src, void * dst,
+                            const int64_t ne_f[4], const size_t nb_f[4],
+                            const int64_t ne_q[4], const size_t nb_q[4], cudaStream_t stream) {
+    dims4 f, q;
+    int64_t nf = 1, nq = 1;
+    for (int i = 0; i < 4; i++) {
+        f.ne[i] = ne_f[i]; f.nb[i] = nb_f[i]; nf *= ne_f[i];
+        q.ne[i] = ne_q[i]; q.nb[i] = nb_q[i]; nq *= ne_q[i];
+    }
+    if (nf != nq || q.ne[0] % PKV_BLOCK != 0) return -1;
+    if (nq == 0) return 0;
+    PKV_BITS_SWITCH(bits, cpy_b, to_ours, src, dst, f, q, nq / PKV_BLOCK, stream)
+}
+
+extern "C" int pkv_cuda_get_rows(int bits, const void * src, const int32_t * idx, void * dst, int dst_type,
+                                 int64_t ne00, size_t nb01, size_t nb02, size_t nb03,
+                                 int64_t ne10, int64_t ne11, int64_t ne12, size_t nb10, size_t nb11, size_t nb12,
+                                 size_t nb1, size_t nb2, size_t nb3, cudaStream_t stream) {
+    if (ne00 % PKV_BLOCK != 0) return -1;
+    if (ne00 * ne10 * ne11 * ne12 == 0) return 0;
+    PKV_BITS_SWITCH(bits, get_rows_b, src, idx, dst, dst_type, ne00, nb01, nb02, nb03, ne10, ne11, ne12,
+                    nb10, nb11, nb12, nb1, nb2, nb3, stream)
+}
+
+extern "C" int pkv_cuda_to_float(int bits, const void * src, void * dst, int dst_type,
+                                 int64_t ne00, int64_t ne01, int64_t ne02, int64_t ne03,
+                                 int64_t s01, int64_t s02, int64_t s03, cudaStream_t stream) {
+    if (ne00 % PKV_BLOCK != 0) return -1;
+    if (ne00 * ne01 * ne02 * ne03 == 0) return 0;
+    PKV_BITS_SWITCH(bits, to_float_b, src, dst, dst_type, ne00, ne01, ne02, ne03, s01, s02, s03, stream)
+}

@@ -1,0 +1,133 @@
+/*
+ * Device helpers for the pyllm-kv block formats (layouts: pkv/codec.h).
+ * Every block starts with u16 d, u16 m (one 32-bit word), then its payload,
+ * and every block size (36, 28, 20 bytes) is a multiple of 4, so blocks are
+ * read as 32-bit words.
+ *
+ * Unpacking works on "quads": the codes of values 4q..4q+3 of a block
+ * (q = 0..15) as the four bytes of one uint32, with shifts and masks only:
+ *   kv4: word q%8 of qs, nibble q/8            -> (w >> 4*(q/8)) & 0x0F0F0F0F
+ *   kv2: word q%4 of qs, 2-bit field q/4       -> (w >> 2*(q/4)) & 0x03030303
+ *   kv3: kv2's low bits from ql, plus bit q/2 of each byte of qh word q%2.
+ */
+#pragma once
+
+#include <stdint.h>
+#include <cuda_fp16.h>
+#include "pkv/codec.h"
+
+namespace pkv {
+
+template <int B> struct fmt;
+template <> struct fmt<4> { static constexpr int bytes = 36; static constexpr int words = 9; };
+template <> struct fmt<3> { static constexpr int bytes = 28; static constexpr int words = 7; };
+template <> struct fmt<2> { static constexpr int bytes = 20; static constexpr int words = 5; };
+
+static_assert(sizeof(pkv_block_kv4) == 36 && sizeof(pkv_block_kv3) == 28 && sizeof(pkv_block_kv2) == 20,
+              "block sizes out of sync with pkv/codec.h");
+
+/* codes of values 4q..4q+3, one per byte; w points at the block's first word */
+template <int B>
+static __device__ __forceinline__ uint32_t quad(const uint32_t * w, const int q) {
+    if constexpr (B == 4) {
+        return (w[1 + (q & 7)] >> (4 * (q >> 3))) & 0x0F0F0F0Fu;
+    } else if constexpr (B == 2) {
+        return (w[1 + (q & 3)] >> (2 * (q >> 2))) & 0x03030303u;
+    } else {
+        const uint32_t lo = (w[1 + (q & 3)] >> (2 * (q >> 2))) & 0x03030303u;
+        const uint32_t hi = ((w[5 + (q & 1)] >> (q >> 1)) & 0x01010101u) << 2;
+        return lo | hi;
+    }
+}
+
+/* byte i of c as a float, exactly: (2^23 + c_i) - 2^23 */
+static __device__ __forceinline__ float byte_f(const uint32_t c, const int i) {
+    const uint32_t sel = (uint32_t) i | 0x7650u;    /* byte i of c, then bytes 1..3 of 0x4B000000 */
+    return __uint_as_float(__byte_perm(c, 0x4B000000u, sel)) - 8388608.0f;
+}
+
+static __device__ __forceinline__ float2 dm(const uint32_t * w) {
+    const uint32_t x = w[0];
+    return make_float2(__half2float(__ushort_as_half((unsigned short) (x & 0xFFFFu))),
+                       __half2float(__ushort_as_half((unsigned short) (x >> 16))));
+}
+
+static __device__ __forceinline__ float sanitize(float v) {
+    if (v != v) return 0.0f;
+    if (v >  65504.0f) return  65504.0f;
+    if (v < -65504.0f) return -65504.0f;
+    return v;
+}
+
+/* Encode 64 values (already loaded, in order) into one block at `out`
+ * (4-byte aligned): the same arithmetic as the C reference, step by step. */
+template <int B>
+static __device__ __forceinline__ void encode_block(const float (&xin)[PKV_BLOCK], uint32_t * out) {
+    constexpr int L = (1 << B) - 1;
+    float x[PKV_BLOCK];
+#pragma unroll
+    for (int i = 0; i < PKV_BLOCK; i++) x[i] = sanitize(xin[i]);
+    float mn = x[0], mx = x[0];
+#pragma unroll
+    for (int i = 1; i < PKV_BLOCK; i++) {
+        mn = x[i] < mn ? x[i] : mn;     /* same tie rule as the reference (keeps the first of +-0) */
+        mx = x[i] > mx ? x[i] : mx;
+    }
+    const __half mh = __float2half_rn(mn);
+    const float  m  = __half2float(mh);
+    const __half dh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, m), (float) L));
+    const float  d  = __half2float(dh);
+    const float  id = d > 0.0f ? __frcp_rn(d) : 0.0f;
+    uint8_t c[PKV_BLOCK];
+#pragma unroll
+    for (int i = 0; i < PKV_BLOCK; i++) {
+        const float q = floorf(__fadd_rn(__fmul_rn(__fsub_rn(x[i], m), id), 0.5f));
+        c[i] = (uint8_t) (q < 0.0f ? 0 : (q > (float) L ? L : (int) q));
+    }
+    out[0] = (uint32_t) __half_as_ushort(dh) | ((uint32_t) __half_as_ushort(mh) << 16);
+    if constexpr (B == 4) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            uint32_t w = 0;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int j = 4 * k + i;
+                w |= (uint32_t) (c[j] | (c[j + 32] << 4)) << (8 * i);
+            }
+            out[1 + k] = w;
+        }
+    } else {
+        /* low two bits: byte j of ql = c[j] | c[j+16]<<2 | c[j+32]<<4 | c[j+48]<<6 */
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            uint32_t w = 0;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int j = 4 * k + i;
+                w |= (uint32_t) ((c[j] & 3) | ((c[j + 16] & 3) << 2) | ((c[j + 32] & 3) << 4) | ((c[j + 48] & 3) << 6)) << (8 * i);
+            }
+            out[1 + k] = w;
+        }
+        if constexpr (B == 3) {
+            /* third bit of value j: bit j/8 of qh[j%8] */
+            uint32_t h[2] = {0u, 0u};
+#pragma unroll
+            for (int j = 0; j < PKV_BLOCK; j++) {
+                h[(j % 8) / 4] |= (uint32_t) ((c[j] >> 2) & 1) << (8 * (j % 4) + j / 8);
+            }
+            out[5] = h[0];
+            out[6] = h[1];
+        }
+    }
+}
+
+/* Decode value quad q of a block to 4 floats (m + d*code). */
+template <int B>
+static __device__ __forceinline__ void decode_quad(const uint32_t * w, const int q, float (&y)[4]) {
+    const float2 s = dm(w);
+    const uint32_t c = quad<B>(w, q);
+#pragma unroll
+    for (int i = 0; i < 4; i++) y[i] = fmaf(s.x, byte_f(c, i), s.y);
+}
+
+} // namespace pkv
