@@ -96,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cache_pair(args: argparse.Namespace) -> Tuple[str, str]:
-    k, v = formats.parse_pair(args.cache) if args.cache else ("f16", "f16")
-    return (formats.resolve(args.cache_k).name if args.cache_k else k,
-            formats.resolve(args.cache_v).name if args.cache_v else v)
+    # `is not None`: an empty --cache "" is a mistake to report, not a request for f16.
+    k, v = formats.parse_pair(args.cache) if args.cache is not None else ("f16", "f16")
+    return (formats.resolve(args.cache_k).name if args.cache_k is not None else k,
+            formats.resolve(args.cache_v).name if args.cache_v is not None else v)
 
 
 def _load(args: argparse.Namespace) -> Any:

@@ -113,9 +113,9 @@ def resume(model: "Model", max_tokens: Optional[int] = 64, temperature: float = 
     ``max_tokens`` (None: no limit) or when the cache is full.
     """
     llama = model._open()
-    toks = _session(model)
     max_tokens, temperature, top_p, top_k, seed, _ = checks.sampling(
         max_tokens, temperature, top_p, top_k, seed, None)
+    toks = _session(model)
     # Each new token needs a free cell for the token before it (the pending one first).
     room = llama.n_ctx() - (len(toks) - 1)
     if room <= 0:
