@@ -10,7 +10,8 @@
 * A small C driver runs the same native calls (load, decode with our cache types,
   state get/set, seq_rm, free) under LeakSanitizer, which fails on any block that
   is allocated and never freed (fast: part of the normal run). Set
-  PYLLM_KV_VALGRIND=1 to also run it under valgrind's memcheck (minutes).
+  PYLLM_KV_VALGRIND=1 to also run it under valgrind's memcheck (minutes; skipped
+  when valgrind cannot execute the build, e.g. AVX-512 code from -march=native).
 """
 
 from __future__ import annotations
@@ -255,6 +256,10 @@ def test_native_loop_under_valgrind(lib_dir, driver_args, tmp_path):
     args = driver_args[:1] + ["2"] + driver_args[2:]
     r = subprocess.run(["valgrind", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect",
                         "--error-exitcode=23", str(exe), *args], capture_output=True, text=True, timeout=3000)
+    if "unhandled instruction bytes" in r.stderr:
+        # valgrind 3.19 does not emulate AVX-512, which a -march=native ggml build uses.
+        pytest.skip("valgrind cannot execute this build's instructions (AVX-512?); "
+                    "test_native_loop_under_leak_sanitizer covers the same loop")
     summary = [line for line in r.stderr.splitlines() if "lost:" in line or "ERROR SUMMARY" in line]
     print("\n" + "\n".join(summary))
     assert r.returncode == 0, r.stderr[-4000:]
