@@ -5,7 +5,7 @@
     pyllm-kv formats
     pyllm-kv info [MODEL]
     pyllm-kv eval ...     (pyllm_kv.eval)
-    pyllm-kv bench ...    (pyllm_kv.bench_cli)
+    pyllm-kv bench ...    (pyllm_kv.bench)
 
 Errors the user can fix (PyllmKvError) are printed as one line,
 ``pyllm-kv: error: ...``, with exit code 2 (argparse's convention), no traceback.
@@ -28,7 +28,7 @@ PROG = "pyllm-kv"
 # Each module provides add_arguments(parser) and run_cli(args) -> exit code.
 _PLUGINS: Dict[str, Tuple[str, str]] = {
     "eval": ("pyllm_kv.eval", "quality of cache formats vs the f16 cache (KLD, top-1, PPL)"),
-    "bench": ("pyllm_kv.bench_cli", "speed of cache formats (prefill/decode tok/s at depth)"),
+    "bench": ("pyllm_kv.bench", "speed of cache formats (prefill/decode tok/s at depth)"),
 }
 
 
@@ -96,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cache_pair(args: argparse.Namespace) -> Tuple[str, str]:
-    k, v = formats.parse_pair(args.cache) if args.cache else ("f16", "f16")
-    return (formats.resolve(args.cache_k).name if args.cache_k else k,
-            formats.resolve(args.cache_v).name if args.cache_v else v)
+    # `is not None`: an empty --cache "" is a mistake to report, not a request for f16.
+    k, v = formats.parse_pair(args.cache) if args.cache is not None else ("f16", "f16")
+    return (formats.resolve(args.cache_k).name if args.cache_k is not None else k,
+            formats.resolve(args.cache_v).name if args.cache_v is not None else v)
 
 
 def _load(args: argparse.Namespace) -> Any:

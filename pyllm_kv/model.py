@@ -202,6 +202,7 @@ class Model:
         )
 
     def _completion(self, prompt: str, stream: bool, **kw: Any) -> Any:
+        prompt = checks.prompt_text(prompt)  # UTF-8 bytes become str for llama-cpp-python
         self._check_prompt(prompt)
         if kw["max_tokens"] == 0:
             return iter(()) if stream else {"choices": [{"text": ""}]}
@@ -405,6 +406,9 @@ def load(
             n_gpu_layers=n_gpu_layers,
             n_batch=n_batch,
             n_threads=n_threads,
+            # Prompt batches too: llama-cpp-python would otherwise use every core for them,
+            # and on a busy machine its spinning extra thread made n_threads=1 runs 30x slower.
+            n_threads_batch=n_threads,
             seed=seed,
             verbose=verbose,
         )

@@ -25,12 +25,13 @@ File layout (integers little-endian)::
     u32         layout version (1)
     u32         header length H
     H bytes     header: UTF-8 JSON (model fingerprint, cache formats and their ggml
-                layout, flash_attn, n_ctx, token count, state size, CRC-32)
+                layout, flash_attn, n_ctx, token count, state size)
     4*n bytes   the session's tokens (int32)
     S bytes     llama.cpp's state (llama_state_get_data: model arch + KV cache)
+    u32         CRC-32 of everything before it
 
-Every header field is checked, and the CRC verified, before llama.cpp reads a
-byte of its state: llama.cpp itself checks little (type ids and row sizes, not
+The sizes and the CRC are verified, then every header field is checked, before
+llama.cpp reads a byte of its state: llama.cpp itself checks little (type ids and row sizes, not
 the model's weights), so a state from another model would load and continue as
 garbage.
 """
@@ -113,9 +114,9 @@ def resume(model: "Model", max_tokens: Optional[int] = 64, temperature: float = 
     ``max_tokens`` (None: no limit) or when the cache is full.
     """
     llama = model._open()
-    toks = _session(model)
     max_tokens, temperature, top_p, top_k, seed, _ = checks.sampling(
         max_tokens, temperature, top_p, top_k, seed, None)
+    toks = _session(model)
     # Each new token needs a free cell for the token before it (the pending one first).
     room = llama.n_ctx() - (len(toks) - 1)
     if room <= 0:
@@ -178,7 +179,7 @@ def _ggml_layout(fmt_name: str) -> Dict[str, Any]:
     return {"name": t.name, "id": t.id, "block": t.block_size, "type_size": t.type_size}
 
 
-def _header_for(model: "Model", n_tokens: int, state_bytes: int, crc: int) -> Dict[str, Any]:
+def _header_for(model: "Model", n_tokens: int, state_bytes: int) -> Dict[str, Any]:
     from . import __version__  # noqa: PLC0415
 
     info = model.info
@@ -196,7 +197,6 @@ def _header_for(model: "Model", n_tokens: int, state_bytes: int, crc: int) -> Di
         "n_ctx": model.n_ctx,
         "n_tokens": n_tokens,
         "state_bytes": state_bytes,
-        "crc32": crc,
     }
 
 
@@ -216,17 +216,18 @@ def save_state(model: "Model", path: PathLike) -> None:
         raise PyllmKvError(f"llama.cpp could not copy its state ({n} of {size} bytes).")
     token_bytes = array("i", toks).tobytes()
     state = memoryview(buf)[:n]
-    crc = zlib.crc32(state, zlib.crc32(token_bytes))
-    header = json.dumps(_header_for(model, len(toks), n, crc), sort_keys=True).encode("utf-8")
+    header = json.dumps(_header_for(model, len(toks), n), sort_keys=True).encode("utf-8")
+    start = MAGIC + struct.pack("<II", VERSION, len(header)) + header
+    crc = zlib.crc32(state, zlib.crc32(token_bytes, zlib.crc32(start)))
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(MAGIC + struct.pack("<II", VERSION, len(header)))
-            fh.write(header)
+            fh.write(start)
             fh.write(token_bytes)
             fh.write(state)
+            fh.write(struct.pack("<I", crc))
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -236,7 +237,7 @@ def save_state(model: "Model", path: PathLike) -> None:
 def read_header(path: PathLike) -> Dict[str, Any]:
     """The header of a state file (StateFileError if it is not one)."""
     with _open(Path(path)) as fh:
-        return _read_header(fh, Path(path))
+        return _read_header(fh, Path(path))[0]
 
 
 def _open(path: Path) -> Any:
@@ -250,7 +251,8 @@ def _open(path: Path) -> Any:
         raise StateFileError(f"cannot read state file {path}: {exc.strerror or exc}.") from exc
 
 
-def _read_header(fh: Any, path: Path) -> Dict[str, Any]:
+def _read_header(fh: Any, path: Path) -> "tuple[Dict[str, Any], bytes]":
+    """The parsed header, and the raw bytes read so far (for the CRC)."""
     start = fh.read(len(MAGIC) + 8)
     if not start:
         raise StateFileError(f"{path} is empty, not a pyllm-kv state file.")
@@ -281,11 +283,11 @@ def _read_header(fh: Any, path: Path) -> Dict[str, Any]:
         raise StateFileError(f"{path} is truncated: it ends inside the header ({len(raw)} of {hlen} bytes).")
     try:
         header = json.loads(raw.decode("utf-8"))
-        int(header["n_tokens"]), int(header["state_bytes"]), int(header["crc32"])
+        int(header["n_tokens"]), int(header["state_bytes"])
         header["model"]["fingerprint"], header["cache_k"], header["cache_v"]
     except (ValueError, KeyError, TypeError) as exc:
         raise StateFileError(f"{path} is corrupt: unreadable header ({exc}).") from None
-    return header
+    return header, start + raw
 
 
 def _check_compatible(model: "Model", header: Dict[str, Any], path: Path) -> None:
@@ -336,24 +338,24 @@ def load_state(model: "Model", path: PathLike) -> int:
     llama = model._open()
     path = Path(path)
     with _open(path) as fh:
-        header = _read_header(fh, path)
-        _check_compatible(model, header, path)
+        header, head = _read_header(fh, path)
         n_tokens, n_state = int(header["n_tokens"]), int(header["state_bytes"])
         if n_tokens < 1 or n_state < 1:
             raise StateFileError(f"{path} is corrupt: {n_tokens} tokens, {n_state} state bytes.")
-        token_bytes = fh.read(4 * n_tokens)
-        state = fh.read(n_state)
-        extra = len(fh.read(1))
-    got = len(token_bytes) + len(state)
-    if got < 4 * n_tokens + n_state:
+        want = 4 * n_tokens + n_state + 4
+        body = fh.read(want + 1)
+    if len(body) < want:
         raise StateFileError(
-            f"{path} is truncated: the header promises {4 * n_tokens + n_state} bytes of tokens and "
-            f"cache, the file has {got}. Save the state again."
+            f"{path} is truncated: the header promises {want} bytes of tokens, cache and checksum, "
+            f"the file has {len(body)}. Save the state again."
         )
-    if extra:
+    if len(body) > want:
         raise StateFileError(f"{path} is corrupt: data after the end of the state.")
-    if zlib.crc32(state, zlib.crc32(token_bytes)) != int(header["crc32"]):
+    (crc,) = struct.unpack("<I", body[-4:])
+    if zlib.crc32(body[:-4], zlib.crc32(head)) != crc:
         raise StateFileError(f"{path} is corrupt: its CRC-32 does not match the contents.")
+    _check_compatible(model, header, path)
+    token_bytes, state = body[:4 * n_tokens], body[4 * n_tokens:-4]
     toks = array("i")
     toks.frombytes(token_bytes)
     n_vocab = llama.n_vocab()

@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -182,10 +183,16 @@ def test_truncated_state_file(models, saved, tmp_path, where):
     _expect_refused(models(cache), bad, StateFileError, message)
 
 
-def test_flipped_byte_fails_the_crc(models, saved, tmp_path):
+@pytest.mark.parametrize("where", ["header", "tokens", "kv cache", "checksum"])
+def test_flipped_byte_fails_the_crc(models, saved, tmp_path, where):
+    """One bit anywhere: in a name inside the JSON header (still valid JSON), the tokens,
+    the KV cache or the checksum itself."""
     cache, path = saved
     data = bytearray(path.read_bytes())
-    data[len(data) * 3 // 4] ^= 0x40
+    hlen = struct.unpack("<I", data[12:16])[0]
+    pos = {"header": data.index(b'"name": "') + 10, "tokens": 16 + hlen + 1,
+           "kv cache": (16 + hlen + len(data)) // 2, "checksum": len(data) - 2}[where]
+    data[pos] ^= 0x04
     bad = tmp_path / "flip.pkvs"
     bad.write_bytes(bytes(data))
     _expect_refused(models(cache), bad, StateFileError, "CRC-32")
@@ -246,20 +253,39 @@ def test_forged_header_is_refused_by_llama_cpp(models, saved, tmp_path):
     """Header rewritten to claim an f16 cache: our checks pass, llama.cpp's type check
     refuses the data, and the model is left empty but usable (never garbage)."""
     cache, path = saved
-    data = path.read_bytes()
-    hlen = struct.unpack("<I", data[12:16])[0]
-    header = json.loads(data[16:16 + hlen])
-    header["cache_k"] = header["cache_v"] = "f16"
-    header["ggml_k"] = header["ggml_v"] = state._ggml_layout("f16")
-    raw = json.dumps(header).encode()
-    bad = tmp_path / "forged.pkvs"
-    bad.write_bytes(data[:12] + struct.pack("<I", len(raw)) + raw + data[16 + hlen:])
+
+    def claim_f16(header):
+        header["cache_k"] = header["cache_v"] = "f16"
+        header["ggml_k"] = header["ggml_v"] = state._ggml_layout("f16")
+
+    bad = _rewrite_header(path, tmp_path / "forged.pkvs", claim_f16)
     m = models("f16")
     with pytest.raises(StateFileError, match="llama.cpp rejected"):
         m.load_state(bad)
     with pytest.raises(PyllmKvError, match="no session"):
         state.tokens(m)
     assert "Paris" in m.generate(PROMPT, max_tokens=6)
+
+
+def _rewrite_header(path, out, change):
+    """Edit the JSON header and write a consistent file (new length, new CRC): what a
+    forger, or another build's writer, would produce."""
+    data = path.read_bytes()
+    hlen = struct.unpack("<I", data[12:16])[0]
+    header = json.loads(data[16:16 + hlen])
+    change(header)
+    raw = json.dumps(header).encode()
+    body = data[:12] + struct.pack("<I", len(raw)) + raw + data[16 + hlen:-4]
+    out.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    return out
+
+
+def test_state_from_another_native_build(models, saved, tmp_path):
+    """Same format name, another type id (a build that added types before it): the raw
+    state would not match this build's table, so the header check names the cause."""
+    cache, path = saved
+    bad = _rewrite_header(path, tmp_path / "build.pkvs", lambda h: h["ggml_k"].update(id=h["ggml_k"]["id"] + 1))
+    _expect_refused(models(cache), bad, StateMismatch, f"native build whose '{cache}' type differs")
 
 
 def test_state_from_another_model(models, saved, tmp_path, model_path):

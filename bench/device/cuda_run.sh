@@ -3,7 +3,8 @@
 # Call 1: bash bench/device/cuda_run.sh build   (carry [".carry"]): CUDA build under /tmp,
 #         test-backend-ops on CUDA0 for our types, greedy completion GPU vs CPU, small-model bench.
 # Call 2: bash bench/device/cuda_run.sh shape   (same warm machine): Llama-8B-shaped random
-#         Q4_0 model (bench/make_shape_model.py), decode at depth 0/8k/32k/64k.
+#         Q4_0 model (bench/make_shape_model.py, gguf-py from the carried tree), then
+#         `pyllm-kv bench --gpu` (python -m pyllm_kv.bench) at depth 0/8k/32k/64k.
 set -x
 STAGE=${1:-build}
 B=/tmp/b/bin
@@ -30,8 +31,9 @@ if [ "$STAGE" = build ]; then
   done
 else
   [ -f bench/make_shape_model.py ] || { echo "bench/make_shape_model.py is not written yet"; exit 1; }
-  python3 bench/make_shape_model.py /tmp/shape8b.gguf .carry/smollm2-small.gguf || exit 1
-  for t in f16 q4_0 kv4 kv2; do
-    timeout 150 $B/llama-bench -m /tmp/shape8b.gguf -ngl 99 -fa 1 -ctk $t -ctv $t -p 512 -n 64 -d 0,8192,32768,65536 -r 2 -o md 2>$OUT/bench_shape_$t.err | grep -E "^\|" | tee -a $OUT/bench_shape.md
-  done
+  G=/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
+  [ -f /tmp/shape8b.gguf ] || PYTHONPATH=$G python3 bench/make_shape_model.py --preset llama8b --out /tmp/shape8b.gguf || exit 1
+  PYTHONPATH=.:$G python3 -m pyllm_kv.bench --model /tmp/shape8b.gguf --gpu --formats f16,q4_0,kv4,kv2 \
+    --pp 512 --tg 64 --reps 2 --timeout 150 --llama-bench $B/llama-bench \
+    --json $OUT/bench_shape.json --plot $OUT/bench_shape.png | tee $OUT/bench_shape.md
 fi
