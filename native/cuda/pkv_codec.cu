@@ -17,15 +17,77 @@ template <> __device__ __forceinline__ half from_f<half>(float v) { return __flo
 
 constexpr int NT = 128;
 
-/* one thread per destination block */
+/* one warp per destination block: lane l holds values l and l + 32. Decode
+ * writes one row (a few blocks), so a thread-per-block encoder would leave
+ * most of a warp idle and run its 64-value min/max chains serially. Same
+ * arithmetic per value as encode_block; min/max are tree reductions that keep
+ * the lowest index among equal values, i.e. the reference's first occurrence
+ * (matters only for +-0). */
+template <int B>
+static __device__ __forceinline__ void encode_block_warp(float x0, float x1, uint8_t * out, const int lane) {
+    constexpr int L = (1 << B) - 1;
+    x0 = sanitize(x0);
+    x1 = sanitize(x1);
+    float mn = x0, mx = x0;
+    int imn = lane, imx = lane;
+    if (x1 < mn) { mn = x1; imn = lane + 32; }
+    if (x1 > mx) { mx = x1; imx = lane + 32; }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float omn = __shfl_xor_sync(0xffffffffu, mn, o);
+        const int   oin = __shfl_xor_sync(0xffffffffu, imn, o);
+        const float omx = __shfl_xor_sync(0xffffffffu, mx, o);
+        const int   oix = __shfl_xor_sync(0xffffffffu, imx, o);
+        if (omn < mn || (omn == mn && oin < imn)) { mn = omn; imn = oin; }
+        if (omx > mx || (omx == mx && oix < imx)) { mx = omx; imx = oix; }
+    }
+    const __half mh = __float2half_rn(mn);
+    const float  m  = __half2float(mh);
+    const __half dh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, m), (float) L));
+    const float  d  = __half2float(dh);
+    const float  id = d > 0.0f ? __frcp_rn(d) : 0.0f;
+    const float q0 = floorf(__fadd_rn(__fmul_rn(__fsub_rn(x0, m), id), 0.5f));
+    const float q1 = floorf(__fadd_rn(__fmul_rn(__fsub_rn(x1, m), id), 0.5f));
+    const uint32_t c0 = (uint32_t) (q0 < 0.0f ? 0 : (q0 > (float) L ? L : (int) q0));
+    const uint32_t c1 = (uint32_t) (q1 < 0.0f ? 0 : (q1 > (float) L ? L : (int) q1));
+    if (lane == 0) {
+        *(uint32_t *) out = (uint32_t) __half_as_ushort(dh) | ((uint32_t) __half_as_ushort(mh) << 16);
+    }
+    if constexpr (B == 4) {
+        out[4 + lane] = (uint8_t) (c0 | (c1 << 4));            /* qs[j] = c[j] | c[j+32] << 4 */
+    } else {
+        /* ql/qs byte j (j < 16) = c[j] | c[j+16] << 2 | c[j+32] << 4 | c[j+48] << 6 */
+        const uint32_t v = (c0 & 3u) | ((c1 & 3u) << 4);
+        const uint32_t u = __shfl_down_sync(0xffffffffu, v, 16);
+        if (lane < 16) out[4 + lane] = (uint8_t) (v | (u << 2));
+        if constexpr (B == 3) {
+            /* third bit of value j: bit j / 8 of qh[j % 8] */
+            const uint32_t h0 = __ballot_sync(0xffffffffu, (c0 >> 2) & 1u);   /* values 0..31 */
+            const uint32_t h1 = __ballot_sync(0xffffffffu, (c1 >> 2) & 1u);   /* values 32..63 */
+            if (lane < 8) {
+                uint32_t h = 0;
+#pragma unroll
+                for (int s2 = 0; s2 < 4; s2++) {
+                    h |= ((h0 >> (lane + 8 * s2)) & 1u) << s2;
+                    h |= ((h1 >> (lane + 8 * s2)) & 1u) << (s2 + 4);
+                }
+                out[4 + 16 + lane] = (uint8_t) h;
+            }
+        }
+    }
+}
+
 template <int B, typename src_t, typename idx_t>
-__global__ void k_set_rows(const char * __restrict__ src, const char * __restrict__ idx, char * __restrict__ dst,
+__global__ void k_set_rows(const char * src, const char * idx, char * dst,     /* no __restrict__: PDL, see pdl_wait */
                            const int64_t nblk_row, const int64_t ne01, const int64_t ne02, const int64_t nblocks,
                            const size_t nb01, const size_t nb02, const size_t nb03,
                            const int64_t ne11, const int64_t ne12, const size_t nb10, const size_t nb11, const size_t nb12,
                            const size_t nb1, const size_t nb2, const size_t nb3) {
-    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= nblocks) return;
+    const int64_t i = (int64_t) blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    pdl_wait();                           /* the rows come from the kernel just before */
+    pdl_trigger();
+    if (i >= nblocks) return;             /* whole warps */
     const int64_t ib  = i % nblk_row;
     int64_t r = i / nblk_row;
     const int64_t i01 = r % ne01; r /= ne01;
@@ -33,11 +95,8 @@ __global__ void k_set_rows(const char * __restrict__ src, const char * __restric
     const int64_t i03 = r / ne02;
     const int64_t row = (int64_t) *(const idx_t *) (idx + i01 * nb10 + (i02 % ne11) * nb11 + (i03 % ne12) * nb12);
     const src_t * x = (const src_t *) (src + i01 * nb01 + i02 * nb02 + i03 * nb03) + ib * PKV_BLOCK;
-    float v[PKV_BLOCK];
-#pragma unroll
-    for (int j = 0; j < PKV_BLOCK; j++) v[j] = to_f<src_t>(x[j]);
-    uint32_t * out = (uint32_t *) (dst + row * nb1 + i02 * nb2 + i03 * nb3 + ib * fmt<B>::bytes);
-    encode_block<B>(v, out);
+    uint8_t * out = (uint8_t *) (dst + row * nb1 + i02 * nb2 + i03 * nb3 + ib * fmt<B>::bytes);
+    encode_block_warp<B>(to_f<src_t>(x[lane]), to_f<src_t>(x[lane + 32]), out, lane);
 }
 
 template <int B, typename src_t>
@@ -48,15 +107,13 @@ int set_rows_t(const void * src, const void * idx, int idx_i64, void * dst,
     const int64_t nblk_row = ne00 / PKV_BLOCK;
     const int64_t nblocks  = nblk_row * ne01 * ne02 * ne03;
     if (nblocks == 0) return 0;
-    const dim3 grid((unsigned) ((nblocks + NT - 1) / NT));
+    const dim3 grid((unsigned) ((nblocks + NT / 32 - 1) / (NT / 32)));   /* a warp per block */
     if (idx_i64) {
-        k_set_rows<B, src_t, int64_t><<<grid, NT, 0, stream>>>((const char *) src, (const char *) idx, (char *) dst,
-            nblk_row, ne01, ne02, nblocks, nb01, nb02, nb03, ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3);
-    } else {
-        k_set_rows<B, src_t, int32_t><<<grid, NT, 0, stream>>>((const char *) src, (const char *) idx, (char *) dst,
-            nblk_row, ne01, ne02, nblocks, nb01, nb02, nb03, ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3);
+        return (int) pdl_launch(k_set_rows<B, src_t, int64_t>, grid, dim3(NT), 0, stream, (const char *) src, (const char *) idx,
+            (char *) dst, nblk_row, ne01, ne02, nblocks, nb01, nb02, nb03, ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3);
     }
-    return (int) cudaGetLastError();
+    return (int) pdl_launch(k_set_rows<B, src_t, int32_t>, grid, dim3(NT), 0, stream, (const char *) src, (const char *) idx,
+        (char *) dst, nblk_row, ne01, ne02, nblocks, nb01, nb02, nb03, ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3);
 }
 
 struct dims4 { int64_t ne[4]; size_t nb[4]; };

@@ -13,10 +13,63 @@
 #pragma once
 
 #include <stdint.h>
+#include <stdlib.h>
+#include <utility>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include "pkv/codec.h"
 
 namespace pkv {
+
+/* Programmatic dependent launch, as ggml-cuda launches its own kernels on
+ * Hopper (GGML_CUDA_PDL, on unless set to 0): a kernel launched with
+ * pdl_launch may start while the previous kernel in the stream finishes; it
+ * must call pdl_wait() before touching memory that kernel writes (wait = full
+ * completion and visibility of the previous grids). pdl_trigger() lets the
+ * next kernel be scheduled early; that kernel waits the same way. */
+static __device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+static __device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+static inline bool pdl_enabled() {
+    static int v = -1;
+    if (v < 0) {
+        const char * e = getenv("GGML_CUDA_PDL");
+        int dev = 0, major = 0;
+        const bool hopper = cudaGetDevice(&dev) == cudaSuccess &&
+                            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
+        v = (hopper && (e == nullptr || atoi(e) != 0)) ? 1 : 0;
+    }
+    return v == 1;
+}
+
+/* launch kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when enabled */
+template <typename... KArgs, typename... Args>
+static cudaError_t pdl_launch(void (*kernel)(KArgs...), const dim3 grid, const dim3 block, const size_t smem,
+                              cudaStream_t stream, Args &&... args) {
+    if (pdl_enabled()) {
+        cudaLaunchAttribute attr;
+        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr.val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = grid;
+        cfg.blockDim = block;
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = stream;
+        cfg.attrs = &attr;
+        cfg.numAttrs = 1;
+        return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+    }
+    kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+    return cudaGetLastError();
+}
 
 template <int B> struct fmt;
 template <> struct fmt<4> { static constexpr int bytes = 36; static constexpr int words = 9; };

@@ -1,35 +1,98 @@
 /* Host API of the flash-attention decode kernel (pkv_cuda.h) and the kernel
  * that combines the per-chunk partial results. */
-#include "pkv_fattn.cuh"
+#include "pkv_fattn_mma.cuh"
+
+#include <stdlib.h>
 
 using namespace pkv;
 
 namespace {
 
-/* dst[:, head, iq1, seq] = sum_c e^(M_c - M) acc_c / (sum_c e^(M_c - M) S_c + e^(sink - M)) */
-__global__ void k_fattn_combine(const float * __restrict__ part, const float2 * __restrict__ meta,
-                                const float * __restrict__ sinks, float * __restrict__ dst,
+/* dst[:, head, iq1, seq] = sum_c e^(M_c - M) acc_c / (sum_c e^(M_c - M) S_c + e^(sink - M)).
+ * One CTA of CT threads per (row, KV head, seq): the chunk weights are computed
+ * in parallel into shared memory, then CT / D threads per output value sum
+ * interleaved chunk subsets (independent loads in flight) and are added up. */
+constexpr int CT = 256;
+
+static __device__ __forceinline__ float block_reduce(float x, float * sred, const bool is_max) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float y = __shfl_xor_sync(0xffffffffu, x, o);
+        x = is_max ? fmaxf(x, y) : x + y;
+    }
+    __syncthreads();                       /* sred reused between calls */
+    if (lane == 0) sred[warp] = x;
+    __syncthreads();
+    x = sred[0];
+    for (int w = 1; w < CT / 32; w++) x = is_max ? fmaxf(x, sred[w]) : x + sred[w];
+    return x;
+}
+
+/* no __restrict__: with PDL, read-only (non-coherent) loads could be hoisted above pdl_wait() */
+__global__ void __launch_bounds__(CT) k_fattn_combine(const float * part, const float2 * meta,
+                                const float * sinks, float * dst,
                                 const int D, const int rows, const int gqa, const int n_head, const int n_q,
                                 const int n_head_kv, const int n_chunks) {
+    extern __shared__ float cw[];          /* [n_chunks] chunk weights, then [CT] partial sums */
+    __shared__ float sred[CT / 32];
+    const int tid = threadIdx.x;
     const int row = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
     const int head = kvh * gqa + row % gqa, iq1 = row / gqa;
     const size_t base = ((size_t) (seq * n_head_kv + kvh) * rows + row) * n_chunks;
-    float Mx = -INFINITY;
-    for (int c = 0; c < n_chunks; c++) Mx = fmaxf(Mx, meta[base + c].x);
-    if (sinks) Mx = fmaxf(Mx, sinks[head]);
-    float * out = dst + ((size_t) (seq * n_q + iq1) * n_head + head) * D;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        float Ssum = 0.0f, o = 0.0f;
-        for (int c = 0; c < n_chunks; c++) {
-            const float2 mt = meta[base + c];
-            if (mt.x == -INFINITY) continue;
-            const float w = __expf(mt.x - Mx);
-            Ssum = fmaf(w, mt.y, Ssum);
-            o = fmaf(w, part[(base + c) * D + j], o);
-        }
-        if (sinks) Ssum += __expf(sinks[head] - Mx);
-        out[j] = Ssum > 0.0f ? o / Ssum : 0.0f;
+    pdl_wait();        /* the chunk results of the decode kernel */
+    pdl_trigger();
+
+    float mx = -INFINITY;
+    for (int c = tid; c < n_chunks; c += CT) mx = fmaxf(mx, meta[base + c].x);
+    mx = block_reduce(mx, sred, true);
+    if (sinks) mx = fmaxf(mx, sinks[head]);
+    float ss = 0.0f;
+    for (int c = tid; c < n_chunks; c += CT) {
+        const float2 mt = meta[base + c];
+        const float w = mt.x == -INFINITY ? 0.0f : __expf(mt.x - mx);
+        cw[c] = w;
+        ss = fmaf(w, mt.y, ss);
     }
+    ss = block_reduce(ss, sred, false);    /* its barriers also publish cw */
+    if (sinks && mx != -INFINITY) ss += __expf(sinks[head] - mx);
+
+    const int nsplit = CT / D, j = tid % D, sp = tid / D;
+    float o = 0.0f;
+    if (sp < nsplit) {
+        const float * pp = part + base * D + j;
+#pragma unroll 4
+        for (int c = sp; c < n_chunks; c += nsplit) o = fmaf(cw[c], pp[(size_t) c * D], o);
+    }
+    float * osum = cw + n_chunks;
+    osum[tid] = o;
+    __syncthreads();
+    if (tid < D) {
+        for (int s2 = 1; s2 < nsplit; s2++) o += osum[s2 * D + tid];
+        float * out = dst + ((size_t) (seq * n_q + iq1) * n_head + head) * D;
+        out[tid] = ss > 0.0f ? o / ss : 0.0f;
+    }
+}
+
+/* PKV_CUDA_FA_LEGACY=1: always the scalar kernel (A/B timing, fallback) */
+bool use_legacy() {
+    static int v = -1;
+    if (v < 0) {
+        const char * e = getenv("PKV_CUDA_FA_LEGACY");
+        v = (e != nullptr && atoi(e) != 0) ? 1 : 0;
+    }
+    return v == 1;
+}
+
+/* the tensor-core kernel takes V of kv4/kv2 whose slices it can copy in its piece size */
+bool mma_applies(const pkv_cuda_fattn_params * p) {
+    if (use_legacy() || (p->v_type != 4 && p->v_type != 2)) return false;
+    const size_t pk = (size_t) fattn_mma_piece_bytes(p->k_type, p->D);
+    const size_t pv = (size_t) fattn_mma_piece_bytes(p->v_type, p->D);
+    if (((uintptr_t) p->k | p->nbk1 | p->nbk2 | p->nbk3) % pk != 0) return false;
+    if (((uintptr_t) p->v | p->nbv1 | p->nbv2 | p->nbv3) % pv != 0) return false;
+    /* per-thread copy offsets are 32-bit: a tile spans FT rows */
+    return p->nbk1 < (size_t) 1 << 23 && p->nbv1 < (size_t) 1 << 23;
 }
 
 int sm_count() {
@@ -57,7 +120,7 @@ bool make_plan(const pkv_cuda_fattn_params * p, plan & pl) {
     pl.R    = pl.rows <= 4 ? 4 : 8;
     pl.n_rowgroups = (pl.rows + pl.R - 1) / pl.R;
     const int base = p->n_head_kv * pl.n_rowgroups * p->n_seq;
-    const int want = 4 * sm_count();                   /* CTAs for about one full wave */
+    const int want = (pl.R == 4 ? 4 : 3) * sm_count(); /* CTAs for about one full wave (mma kernel: 4 resp. 3 per SM) */
     const int64_t max_chunks = (p->n_kv + FT - 1) / FT;
     int64_t nc = (want + base - 1) / base;
     if (nc > max_chunks) nc = max_chunks;
@@ -111,16 +174,26 @@ extern "C" int pkv_cuda_fattn_decode(const pkv_cuda_fattn_params * p, void * wor
     kp.m1 = powf(2.0f, -(p->max_bias / 2.0f) / kp.n_head_log2);
 
     int rc;
-    switch (p->k_type) {
-        case 4:  rc = fattn_launch_k4 (kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
-        case 3:  rc = fattn_launch_k3 (kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
-        case 2:  rc = fattn_launch_k2 (kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
-        case PKV_CUDA_KV_F16: rc = fattn_launch_k16(kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
-        default: rc = -1;
+    if (mma_applies(p)) {
+        switch (p->k_type) {
+            case 4:  rc = fattn_mma_launch_k4 (kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
+            case 3:  rc = fattn_mma_launch_k3 (kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
+            case 2:  rc = fattn_mma_launch_k2 (kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
+            case PKV_CUDA_KV_F16: rc = fattn_mma_launch_k16(kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
+            default: rc = -1;
+        }
+    } else {
+        switch (p->k_type) {
+            case 4:  rc = fattn_launch_k4 (kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
+            case 3:  rc = fattn_launch_k3 (kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
+            case 2:  rc = fattn_launch_k2 (kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
+            case PKV_CUDA_KV_F16: rc = fattn_launch_k16(kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
+            default: rc = -1;
+        }
     }
     if (rc != 0) return rc;
     const dim3 grid((unsigned) pl.rows, (unsigned) p->n_head_kv, (unsigned) p->n_seq);
-    k_fattn_combine<<<grid, p->D, 0, stream>>>(kp.part, kp.meta, p->sinks, p->dst, p->D, pl.rows, pl.gqa,
-                                               p->n_head, p->n_q, p->n_head_kv, pl.n_chunks);
-    return (int) cudaGetLastError();
+    const size_t csm = sizeof(float) * ((size_t) pl.n_chunks + CT);
+    return (int) pdl_launch(k_fattn_combine, grid, dim3(CT), csm, stream, (const float *) kp.part, (const float2 *) kp.meta,
+                            p->sinks, p->dst, p->D, pl.rows, pl.gqa, p->n_head, p->n_q, p->n_head_kv, pl.n_chunks);
 }
