@@ -36,6 +36,11 @@ class Format:
     # it is reported as a total and spread over n_ctx in bytes-per-token figures.
     side_state_bytes: int = 0
     ggml_name: str = ""  # name in ggml's type table; defaults to `name`
+    # True when the side state belongs to the whole cache (all sequences of a
+    # context share it: DecoQuant fits S from the first prefill that reaches an
+    # empty cache), so a sequence decoded beside others may differ slightly from
+    # a solo run. tests/test_multiseq.py bounds that difference by numbers.
+    shared_side_state: bool = False
 
     @property
     def ggml(self) -> str:
@@ -59,6 +64,7 @@ DECO_SIDE_STATE_BYTES = 3 * DECO_GROUP * DECO_GROUP * 4
 
 
 def _ours(bits: int, description: str, family: str = "kv", side_state_bytes: int = 0) -> Format:
+    shared = side_state_bytes > 0
     # b-bit codes + one fp16 scale + one fp16 minimum per block: b + 32/B bits per value.
     return Format(
         name=f"{family}{bits}",
@@ -69,6 +75,7 @@ def _ours(bits: int, description: str, family: str = "kv", side_state_bytes: int
         description=description,
         is_ours=True,
         side_state_bytes=side_state_bytes,
+        shared_side_state=shared,
     )
 
 

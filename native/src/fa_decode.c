@@ -53,6 +53,28 @@ bool pkv_fa_decode_chunk_ref(const pkv_fa_decode_args * a) {
     return true;
 }
 
+void pkv_fa_merge_partials(const float * partials, size_t stride, int n, int dv, float * out) {
+    float M = -INFINITY, S = 0.0f;
+    memset(out, 0, sizeof(float) * dv);
+    for (int c = 0; c < n; c++) {
+        const float * p = partials + c * stride;
+        if (p[1] == 0.0f) {
+            continue;
+        }
+        const float Mn = p[0] > M ? p[0] : M;
+        const float so = expf(M - Mn), sn = expf(p[0] - Mn);   /* so = 0 for the first live chunk */
+        for (int j = 0; j < dv; j++) {
+            out[j] = out[j] * so + p[2 + j] * sn;
+        }
+        S = S * so + p[1] * sn;
+        M = Mn;
+    }
+    const float inv = S == 0.0f ? 0.0f : 1.0f / S;
+    for (int j = 0; j < dv; j++) {
+        out[j] *= inv;
+    }
+}
+
 #if !defined(__AVX2__)
 bool pkv_fa_decode_chunk(const pkv_fa_decode_args * a) {
     return pkv_fa_decode_chunk_ref(a);

@@ -42,6 +42,13 @@ PKV_API bool pkv_fa_decode_chunk(const pkv_fa_decode_args * a);
 /* Scalar reference: row by row, online softmax (tests compare against it). */
 PKV_API bool pkv_fa_decode_chunk_ref(const pkv_fa_decode_args * a);
 
+/* out[0..dv) = the attention output of n chunk partials of one query (each
+ * [M, S, acc[dv]], `stride` floats apart), merged in chunk order; a chunk with
+ * S == 0 (all masked) contributes nothing; all masked gives 0. ggml-cpu uses it
+ * for every query row, so a token's result does not depend on which other
+ * tokens share its batch. */
+PKV_API void pkv_fa_merge_partials(const float * partials, size_t stride, int n, int dv, float * out);
+
 #ifdef __cplusplus
 }
 #endif
