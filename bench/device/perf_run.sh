@@ -8,9 +8,12 @@
 #      f16, q4_0, kv4, kv2 (K and V the same type), then kv4 with the previous scalar
 #      kernel (PKV_CUDA_FA_LEGACY=1) and kv4 without upstream's Hadamard rotation
 #      (LLAMA_ATTN_ROT_DISABLE=1: 4 extra FWHT kernels per layer for quantized caches);
-#   5. ncu (clocks left alone) on our decode + combine kernels and upstream's f16 vec
-#      kernel at depth 32768, and per-kernel GPU time of one decode token at depth 0.
+#   5. ncu (clocks left alone) on our decode + combine kernels at depth 32768 (with
+#      -lineinfo builds: instruction mix and source counters); optional (PERF_NCU_F16=1)
+#      upstream's f16 vec kernel likewise, and (PERF_DUR=1) per-kernel GPU time of one
+#      decode token at depth 0. PERF_DEPTHS (default 0,8192,32768) sets the bench depths.
 # Stages are skipped once the call's time would run out (elapsed $SECONDS vs LIMIT).
+# First run (5bfdd88, 2026-11-23, H100 SXM): build 359 s, tests to 377 s, all done at 517 s.
 # Everything lands in at most 8 files under $OUT; the last lines printed are the table.
 set -x
 LIMIT=${PERF_LIMIT:-575}
@@ -28,7 +31,7 @@ echo "ncu: $NCU" >> $LOG
 if [ ! -x $B/llama-bench ] || [ ! -x $B/test-backend-ops ] || [ "${PERF_REBUILD:-1}" = 1 ]; then
   [ -d $SRC ] || { mkdir -p /tmp/src && tar xzf .carry/llama_cpp_python-0.3.36-trim.tgz -C /tmp/src; }
   cmake -S . -B /tmp/b -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DPYLLM_KV_UPSTREAM_TESTS=ON -DPYLLM_KV_LLAMA_SRC=$SRC > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
+    -DPYLLM_KV_UPSTREAM_TESTS=ON -DPYLLM_KV_LLAMA_SRC=$SRC -DCMAKE_CUDA_FLAGS=-lineinfo > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
   ( time ninja -C /tmp/b -j16 llama-bench test-backend-ops ) >> $OUT/build.log 2>&1 || { grep -n -A5 "error" $OUT/build.log | head -60; exit 1; }
 fi
 tail -4 $OUT/build.log
@@ -56,16 +59,18 @@ bench() {
     > $R/bench_$label.csv 2>> $R/bench_err.log
   echo "bench $label rc=$? at ${SECONDS}s"
 }
-bench f16 "" f16 0,8192,32768
-bench kv4 "" kv4 0,8192,32768
-bench kv2 "" kv2 0,8192,32768
-bench q4_0 "" q4_0 0,8192,32768
+DEPTHS=${PERF_DEPTHS:-0,8192,32768}
+bench f16 "" f16 $DEPTHS
+bench kv4 "" kv4 $DEPTHS
+bench kv2 "" kv2 $DEPTHS
+bench q4_0 "" q4_0 $DEPTHS
 
 # ---- profiler: our decode + combine at depth 32768 (the warmup token at depth 0 makes
 # 32 launches of each first), upstream f16 vec kernel likewise
 NCUF="--clock-control none --set basic --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats"
+NCUK="$NCUF --section InstructionStats --section SourceCounters"
 if [ -n "$NCU" ] && fits 60; then
-  timeout $((LIMIT - SECONDS - 5)) $NCU $NCUF -k regex:'k_fattn_decode|k_fattn_combine' -s 80 -c 3 \
+  timeout $((LIMIT - SECONDS - 5)) $NCU $NCUK -k regex:'k_fattn_decode|k_fattn_combine' -s 80 -c 3 \
     $B/llama-bench -m $M -ngl 99 -fa 1 -ctk kv4 -ctv kv4 -p 0 -n 4 -r 1 -d 32768 > $OUT/ncu_kv4.txt 2>&1
   echo "ncu kv4 rc=$? at ${SECONDS}s"
 fi
@@ -73,7 +78,7 @@ bench kv4-legacy "PKV_CUDA_FA_LEGACY=1" kv4 8192,32768
 # upstream's Hadamard rotation of K/V/Q/output (attn_rot_k/v, kept for kv*, on for q4_0):
 # what it costs per token, with our kernels as they are
 bench kv4-norot "LLAMA_ATTN_ROT_DISABLE=1" kv4 0,8192
-if [ -n "$NCU" ] && fits 60; then
+if [ -n "$NCU" ] && [ "${PERF_NCU_F16:-0}" = 1 ] && fits 60; then
   timeout $((LIMIT - SECONDS - 5)) $NCU $NCUF -k regex:'flash_attn_ext_vec' -s 40 -c 2 \
     $B/llama-bench -m $M -ngl 99 -fa 1 -ctk f16 -ctv f16 -p 0 -n 4 -r 1 -d 32768 > $OUT/ncu_f16.txt 2>&1
   echo "ncu f16 rc=$? at ${SECONDS}s"
@@ -81,7 +86,7 @@ fi
 # per-kernel GPU time of decode at depth 0 (warmup token + 1 token, graphs or not)
 : > $R/dur.csv
 for t in kv4 f16; do
-  if [ -n "$NCU" ] && fits 40; then
+  if [ -n "$NCU" ] && [ "${PERF_DUR:-0}" = 1 ] && fits 40; then
     echo "== $t" >> $R/dur.csv
     timeout $((LIMIT - SECONDS - 5)) $NCU --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
       $B/llama-bench -m $M -ngl 99 -fa 1 -ctk $t -ctv $t -p 0 -n 1 -r 1 -d 0 >> $R/dur.csv 2>/dev/null
