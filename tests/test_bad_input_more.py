@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -177,11 +178,16 @@ def test_max_tokens_zero_generates_nothing(model):
 
 
 def test_stop_string_is_one_sequence(model):
-    """stop="answer" stops before "answer" (it used to become six one-letter stops)."""
-    full = model.generate(PROMPT, max_tokens=12)
-    assert "answer" in full, full
-    assert model.generate(PROMPT, max_tokens=12, stop="answer") == full[:full.index("answer")]
-    assert model.generate(PROMPT, max_tokens=12, stop=["answer"]) == full[:full.index("answer")]
+    """A str stop is one sequence. It used to become one stop per character, which cut
+    the text at the first of those characters instead."""
+    full = model.generate(PROMPT, max_tokens=16)
+    # A word whose letters show up earlier in the text than the word itself.
+    stop = next((w for w in re.findall(r"[A-Za-z]{3,}", full)
+                 if min(full.find(c) for c in w) < full.index(w)), None)
+    assert stop, f"no suitable stop word in {full!r}"
+    cut = full[:full.index(stop)]
+    assert model.generate(PROMPT, max_tokens=16, stop=stop) == cut
+    assert model.generate(PROMPT, max_tokens=16, stop=[stop]) == cut
 
 
 # ---- prompts and messages -------------------------------------------------------------

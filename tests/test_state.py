@@ -10,7 +10,6 @@ file and continues it (a process start and model loads cost seconds on 2 cores).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
