@@ -99,7 +99,9 @@ def prefill(model: "Model", prompt: str) -> int:
     toks = model._check_prompt(prompt)  # InvalidPrompt (empty), ContextOverflow
     llama = model._open()
     model._session = None
-    llama.reset()
+    llama.reset()  # only rewinds llama-cpp-python's counter; the cells stay until the next eval
+    lcpp = _libs.llama_cpp()
+    lcpp.llama_memory_clear(lcpp.llama_get_memory(llama.ctx), True)
     if len(toks) > 1:
         llama.eval(toks[:-1])
     model._session = toks

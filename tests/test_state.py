@@ -338,6 +338,19 @@ def test_save_needs_a_session(lib_dir, model_path, models, tmp_path):
     assert not list(tmp_path.glob("**/.*.tmp"))
 
 
+def test_one_token_session_holds_no_stale_cells(models, tmp_path):
+    """prefill() of a 1-token prompt decodes nothing; the previous session's cells must
+    not end up in the file (llama-cpp-python's reset() alone leaves them in the cache)."""
+    m = models("f16")
+    m.prefill("word " * 100)
+    m.resume(max_tokens=2)
+    assert m.prefill("Hi") == 1
+    path = tmp_path / "one.pkvs"
+    m.save_state(path)
+    assert path.stat().st_size < 4096, "cells of the previous session were saved"
+    assert m.load_state(path) == 1 and m.resume(max_tokens=3)
+
+
 def test_resume_until_the_context_is_full(models):
     """max_tokens=None runs until every cell is used; the next resume says so."""
     m = models("f16")
