@@ -59,15 +59,19 @@ def test_unknown_format_lists_valid_names():
 
 def test_registry_contents():
     expected = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q5_0": 5.5, "q5_1": 6.0, "q4_0": 4.5,
-                "q4_1": 5.0, "iq4_nl": 4.5, "kv4": 4.5, "kv3": 3.5, "kv2": 2.5}
+                "q4_1": 5.0, "iq4_nl": 4.5, "kv4": 4.5, "kv3": 3.5, "kv2": 2.5,
+                "deco4": 4.5, "deco3": 3.5, "deco2": 2.5}
     assert {n: f.bits for n, f in formats.FORMATS.items()} == expected
-    for name in ("kv4", "kv3", "kv2"):
+    for name in ("kv4", "kv3", "kv2", "deco4", "deco3", "deco2"):
         f = formats.FORMATS[name]
         assert f.is_ours and f.block == 64 and f.cuda == formats.OURS_CUDA
-        assert f.bits == int(name[2]) + 32 / 64  # b bits + fp16 scale + fp16 min per 64 values
+        assert f.bits == int(name[-1]) + 32 / 64  # b bits + fp16 scale + fp16 min per 64 values
     assert not formats.FORMATS["q4_0"].is_ours and formats.FORMATS["q4_0"].block == 32
     assert formats.FORMATS["f16"].block == 1 and not formats.FORMATS["f16"].is_quantized
-    assert all(f.side_state_bytes == 0 for f in formats.FORMATS.values())
+    # side state (per layer, K or V): DecoQuant's three 16x16 float32 matrices, nothing else
+    assert {n: f.side_state_bytes for n, f in formats.FORMATS.items() if f.side_state_bytes} == \
+        {"deco4": 3072, "deco3": 3072, "deco2": 3072}
+    assert all(f.shared_side_state == (f.side_state_bytes > 0) for f in formats.FORMATS.values())
 
 
 def test_parse_pair():
