@@ -44,6 +44,16 @@ static inline void unpack64(int bits, const uint8_t * p, __m256i * c0, __m256i *
     }
 }
 
+/* The 64 unpacked codes as eight vectors of 8 floats (values 8p .. 8p+7). */
+static inline void codes_to_f32(__m256i c0, __m256i c1, __m256 cf[8]) {
+    const __m128i parts[4] = { _mm256_castsi256_si128(c0), _mm256_extracti128_si256(c0, 1),
+                               _mm256_castsi256_si128(c1), _mm256_extracti128_si256(c1, 1) };
+    for (int p = 0; p < 8; p++) {
+        const __m128i c8 = (p & 1) ? _mm_srli_si128(parts[p / 2], 8) : parts[p / 2];
+        cf[p] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8));
+    }
+}
+
 static inline __m256 dot32_u8_i8(__m256i codes, const int8_t * y) {
     const __m256i yv = _mm256_loadu_si256((const __m256i *) y);
     const __m256i p16 = _mm256_maddubs_epi16(codes, yv);       /* |sum| <= 2*15*127 */
@@ -89,11 +99,10 @@ static inline void affine_row(int bits, const void * x, float * out, int64_t k, 
         const __m256 m = _mm256_set1_ps(v * pkv_fp16_to_fp32(dm[1]));
         __m256i c0, c1;
         unpack64(bits, blk + 4, &c0, &c1);
-        const __m128i parts[4] = { _mm256_castsi256_si128(c0), _mm256_extracti128_si256(c0, 1),
-                                   _mm256_castsi256_si128(c1), _mm256_extracti128_si256(c1, 1) };
+        __m256 cf[8];
+        codes_to_f32(c0, c1, cf);
         for (int p = 0; p < 8; p++) {
-            const __m128i c8 = (p & 1) ? _mm_srli_si128(parts[p / 2], 8) : parts[p / 2];
-            __m256 r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8)), d, m);
+            __m256 r = _mm256_fmadd_ps(cf[p], d, m);
             if (accumulate) {
                 r = _mm256_add_ps(_mm256_loadu_ps(out + 8 * p), r);
             }
@@ -245,13 +254,8 @@ bool pkv_fa_decode_chunk(const pkv_fa_decode_args * a) {
                 const float dvs = h2f(dm[0]), mvs = h2f(dm[1]);
                 __m256i c0, c1;
                 unpack64(a->bits_v, blk + 4, &c0, &c1);
-                const __m128i parts[4] = { _mm256_castsi256_si128(c0), _mm256_extracti128_si256(c0, 1),
-                                           _mm256_castsi256_si128(c1), _mm256_extracti128_si256(c1, 1) };
                 __m256 cf[8];
-                for (int p = 0; p < 8; p++) {
-                    const __m128i c8 = (p & 1) ? _mm_srli_si128(parts[p / 2], 8) : parts[p / 2];
-                    cf[p] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8));
-                }
+                codes_to_f32(c0, c1, cf);
                 for (int i = 0; i < nq; i++) {
                     const float w = sc[i][r];
                     const __m256 wd = _mm256_set1_ps(w * dvs);
