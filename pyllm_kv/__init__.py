@@ -30,6 +30,7 @@ from .errors import (
 from .formats import FORMATS, Format, parse_pair, resolve
 from .model import Model, default_model_path, format_kv_report, load, validate_config
 from .model_info import ModelInfo, kv_bytes_per_token, read_model_info
+from .squat_options import SquatOptions
 
 try:
     __version__ = _version("pyllm-kv")
@@ -37,7 +38,7 @@ except PackageNotFoundError:  # running from a source checkout
     __version__ = "0+unknown"
 
 __all__ = [
-    "load", "Model", "ModelInfo", "read_model_info", "kv_bytes_per_token", "default_model_path",
+    "load", "Model", "SquatOptions", "ModelInfo", "read_model_info", "kv_bytes_per_token", "default_model_path",
     "validate_config", "format_kv_report", "formats", "FORMATS", "Format", "resolve", "parse_pair",
     "PyllmKvError", "UnknownCacheFormat", "ModelNotFound", "InvalidModelFile", "UnsupportedHeadDim",
     "ContextOverflow", "DefaultModelMissing", "FlashAttentionRequired", "FormatNotAvailable",

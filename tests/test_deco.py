@@ -15,6 +15,8 @@ import pytest
 import pyllm_kv
 from pyllm_kv import _libs
 
+from logits_util import all_logits, greedy, kld_top1
+
 N_CTX = 512
 DECO = ["deco4", "deco3", "deco2"]
 TEXT = ("The old lighthouse keeper climbed the stairs every evening to light the lamp. "
@@ -41,49 +43,10 @@ def load(lib_dir, model_path, require_format):
         m.close()
 
 
-def _all_logits(m, tokens, step=None):
-    """Logits after every token, from an empty cache, the prompt fed to llama_decode
-    in pieces of `step` tokens (default: all at once)."""
-    lc = _libs.llama_cpp()
-    ctx = m.llama.ctx
-    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-    step = step or len(tokens)
-    n_vocab = m.llama.n_vocab()
-    batch = lc.llama_batch_init(step, 0, 1)
-    out = []
-    try:
-        for p0 in range(0, len(tokens), step):
-            piece = tokens[p0:p0 + step]
-            batch.n_tokens = len(piece)
-            for i, t in enumerate(piece):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, p0 + i, 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 1
-            assert lc.llama_decode(ctx, batch) == 0
-            ptr = lc.llama_get_logits(ctx)
-            out.append(np.ctypeslib.as_array(ptr, shape=(len(piece) * n_vocab,)).reshape(len(piece), n_vocab).copy())
-    finally:
-        lc.llama_batch_free(batch)
-    m.llama.reset()  # llama-cpp-python's own bookkeeping: nothing cached that it knows of
-    return np.concatenate(out).astype(np.float64)
-
-
-def _log_softmax(x):
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def _kld_top1(ref, other):
-    lp, lq = _log_softmax(ref), _log_softmax(other)
-    kld = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
-    top1 = float(np.mean(ref.argmax(-1) == other.argmax(-1)))
-    return kld, top1
-
-
 @pytest.fixture(scope="module")
 def f16_logits(load):
     m = load("f16")
-    return _all_logits(m, m.tokenize(TEXT))
+    return all_logits(m, m.tokenize(TEXT))
 
 
 # Upper bounds on mean KLD vs the f16 cache over this short text, measured
@@ -95,9 +58,9 @@ KLD_BOUND = {"deco4": 0.5, "deco3": 1.5, "deco2": 4.0}
 def test_deco_generates_and_tracks_f16(load, f16_logits, fmt):
     m = load(fmt)
     assert m.generate("The capital of France is", max_tokens=8).strip(), "empty generation"
-    logits = _all_logits(m, m.tokenize(TEXT))
+    logits = all_logits(m, m.tokenize(TEXT))
     assert np.all(np.isfinite(logits))
-    kld, top1 = _kld_top1(f16_logits, logits)
+    kld, top1 = kld_top1(f16_logits, logits)
     assert kld < KLD_BOUND[fmt], (fmt, kld, top1)
 
 
@@ -108,16 +71,16 @@ def test_deco4_answers_like_f16(load):
 def test_deco_k_only_without_flash_attention(load, f16_logits):
     """K deco with V f16 works with flash attention off (quantized V needs FA in llama.cpp)."""
     m = load("deco4", "f16", flash_attn=False)
-    kld, _ = _kld_top1(f16_logits, _all_logits(m, m.tokenize(TEXT)))
+    kld, _ = kld_top1(f16_logits, all_logits(m, m.tokenize(TEXT)))
     assert kld < KLD_BOUND["deco4"]
 
 
 def test_first_prefill_split_over_ubatches(load, f16_logits):
     """A prompt fed in 8-token batches: the side state comes from the first batch only."""
     m = load("deco4")
-    logits = _all_logits(m, m.tokenize(TEXT), step=8)
+    logits = all_logits(m, m.tokenize(TEXT), step=8)
     assert np.all(np.isfinite(logits))
-    kld, top1 = _kld_top1(f16_logits, logits)
+    kld, top1 = kld_top1(f16_logits, logits)
     assert kld < 2 * KLD_BOUND["deco4"], (kld, top1)
 
 
@@ -144,14 +107,6 @@ def test_state_save_load_continues_identically(load, model_path, fmt):
     llama.reset()
     llama.eval(tokens)
     state = llama.save_state()
-
-    def greedy(ll, n=12):
-        out = []
-        for _ in range(n):
-            t = int(np.argmax(ll.scores[ll.n_tokens - 1]))
-            out.append(t)
-            ll.eval([t])
-        return out
 
     want = greedy(llama)
     fresh = pyllm_kv.load(model_path, cache_k=fmt, cache_v=fmt, n_ctx=N_CTX, n_threads=1)
@@ -190,5 +145,5 @@ def test_k_shift_keeps_deco_cache_usable(load, lib_dir):
         llama.eval(kept + probe)
         fresh = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
         assert np.all(np.isfinite(shifted))
-        results[fmt] = _kld_top1(fresh[None], shifted[None])[0]
+        results[fmt] = kld_top1(fresh[None], shifted[None])[0]
     assert results["deco4"] < max(0.05, 3 * results["kv4"]), results

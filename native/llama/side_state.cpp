@@ -5,6 +5,7 @@
 #include "pkv/ggml_hooks.h"
 #include "pkv/sidestate.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -18,7 +19,7 @@ struct pkv_side_state;
 namespace {
 
 constexpr uint32_t PKV_SIDE_MAGIC   = 0x53564b50; // "PKVS"
-constexpr uint32_t PKV_SIDE_VERSION = 1;
+constexpr uint32_t PKV_SIDE_VERSION = 2;
 constexpr int      PKV_SIDE_NMATS   = 3;          // QUERY, ENCODE, DECODE
 
 // One layer's K (or V) matrices, in ggml's mul_mat orientation: y = R x for a
@@ -29,9 +30,28 @@ constexpr int      PKV_SIDE_NMATS   = 3;          // QUERY, ENCODE, DECODE
 //   DECODE R = S^T      (u S)
 struct pkv_side_slot {
     pkv_side_state   * owner  = nullptr;
-    bool               active = false; // this layer's K (or V) is a deco type
+    bool               active = false; // DecoQuant transform on this layer's K (or V)
     bool               fitted = false;
     std::vector<float> mats;           // PKV_SIDE_NMATS * g * g
+
+    // SQuat (K slots of squat* types): per KV head, the upper Cholesky factor U
+    // of A^-1 (pkv_squat_prepare), d x d row-major. Sized at the first graph
+    // build (the head count and size come from the tensors), identity until the
+    // head is fitted. Each head has its own flag because the fit op runs its
+    // heads on several threads.
+    int                  squat_bits = 0;   // 0: no SQuat on this slot
+    int                  n_head     = 0;
+    int                  d          = 0;
+    std::vector<float>   U;                // n_head * d * d
+    std::vector<uint8_t> head_fitted;      // n_head
+
+    bool squat() const { return squat_bits != 0; }
+    bool in_use() const { return active || squat(); }
+    bool squat_fitted() const {
+        if (head_fitted.empty()) return false;
+        for (uint8_t f : head_fitted) if (!f) return false;
+        return true;
+    }
 };
 
 std::string env_str(const char * name, const char * def) {
@@ -39,11 +59,51 @@ std::string env_str(const char * name, const char * def) {
     return (v && *v) ? std::string(v) : std::string(def);
 }
 
-bool env_hadamard() {
-    const std::string v = env_str("PYLLM_KV_DECO_HADAMARD", "0");
+bool env_bool(const char * name, const char * def) {
+    const std::string v = env_str(name, def);
     if (v == "0") return false;
     if (v == "1") return true;
-    throw std::runtime_error("pyllm-kv: PYLLM_KV_DECO_HADAMARD must be 0 or 1, got '" + v + "'");
+    throw std::runtime_error(std::string("pyllm-kv: ") + name + " must be 0 or 1, got '" + v + "'");
+}
+
+bool env_hadamard() {
+    return env_bool("PYLLM_KV_DECO_HADAMARD", "0");
+}
+
+// A number from the environment, whole string parsed, in [lo, hi].
+double env_num(const char * name, const char * def, double lo, double hi) {
+    const std::string v = env_str(name, def);
+    char * end = nullptr;
+    const double x = std::strtod(v.c_str(), &end);
+    if (end == v.c_str() || *end != '\0' || !std::isfinite(x) || x < lo || x > hi) {
+        throw std::runtime_error(std::string("pyllm-kv: ") + name + " must be a number in [" +
+                                 std::to_string(lo) + ", " + std::to_string(hi) + "], got '" + v + "'");
+    }
+    return x;
+}
+
+// SQuat runs on the deco transform instead of upstream's Hadamard rotation?
+bool env_squat_on_deco() {
+    const std::string v = env_str("PYLLM_KV_SQUAT_TRANSFORM", "hadamard");
+    if (v == "hadamard") return false;
+    if (v == "deco") return true;
+    throw std::runtime_error("pyllm-kv: PYLLM_KV_SQUAT_TRANSFORM must be 'hadamard' or 'deco', got '" + v + "'");
+}
+
+int squat_bits_of(ggml_type t) {
+    return PKV_GGML_IS_SQUAT(t) ? PKV_GGML_BITS(t) : 0;
+}
+
+// Every head of the slot back to U = I (plain encoding) and unfitted.
+void squat_set_identity(pkv_side_slot & sl) {
+    const size_t d = (size_t) sl.d;
+    sl.U.assign((size_t) sl.n_head * d * d, 0.0f);
+    for (size_t h = 0; h < (size_t) sl.n_head; ++h) {
+        for (size_t i = 0; i < d; ++i) {
+            sl.U[h * d * d + i * d + i] = 1.0f;
+        }
+    }
+    sl.head_fitted.assign((size_t) sl.n_head, 0);
 }
 
 } // namespace
@@ -54,6 +114,11 @@ struct pkv_side_state {
     int  g        = 16;
     int  variant  = PKV_DECO_WHITEN;
     bool hadamard = false;
+    // SQuat settings (PYLLM_KV_SQUAT_RANK/LAMBDA/NORMALIZE/TRANSFORM)
+    int   squat_rank      = 20;
+    float squat_lambda    = 100.0f;
+    bool  squat_normalize = true;
+    bool  squat_on_deco   = false;
     std::vector<pkv_side_slot> slots; // 2 per model layer: K then V; never resized after create
     std::string desc;
 
@@ -69,14 +134,28 @@ struct pkv_side_state {
 
 pkv_side_state * pkv_side_create(ggml_type type_k, ggml_type type_v, int n_layer,
                                  int64_t head_dim_k, int64_t head_dim_v) {
-    const bool deco_k = PKV_GGML_IS_DECO(type_k);
+    const int  squat_k = squat_bits_of(type_k);
+    bool deco_k = PKV_GGML_IS_DECO(type_k);
     const bool deco_v = PKV_GGML_IS_DECO(type_v);
-    if (!deco_k && !deco_v) {
+    if (!deco_k && !deco_v && !squat_k) {
         return nullptr;
     }
 
     auto s = new pkv_side_state();
     try {
+        if (squat_k) {
+            s->squat_rank      = (int) env_num("PYLLM_KV_SQUAT_RANK", "20", 0, 512);
+            s->squat_lambda    = (float) env_num("PYLLM_KV_SQUAT_LAMBDA", "100", 0, 1e12);
+            s->squat_normalize = env_bool("PYLLM_KV_SQUAT_NORMALIZE", "1");
+            s->squat_on_deco   = env_squat_on_deco();
+            deco_k = deco_k || s->squat_on_deco;
+            if (head_dim_k <= 0 || head_dim_k % PKV_BLOCK != 0 || head_dim_k > PKV_LINALG_MAX_N) {
+                throw std::runtime_error("pyllm-kv: cache type " + std::string(ggml_type_name(type_k)) +
+                    " needs a K head size that is a multiple of " + std::to_string(PKV_BLOCK) +
+                    " and at most " + std::to_string(PKV_LINALG_MAX_N) +
+                    " (this model: " + std::to_string(head_dim_k) + ")");
+            }
+        }
         s->type_k  = type_k;
         s->type_v  = type_v;
         s->n_layer = n_layer;
@@ -111,18 +190,28 @@ pkv_side_state * pkv_side_create(ggml_type type_k, ggml_type type_v, int n_layer
 
         s->slots.resize((size_t) 2 * n_layer);
         for (int il = 0; il < n_layer; ++il) {
-            s->slots[2 * il + 0].active = deco_k;
-            s->slots[2 * il + 1].active = deco_v;
+            s->slots[2 * il + 0].active     = deco_k;
+            s->slots[2 * il + 0].squat_bits = squat_k;
+            s->slots[2 * il + 1].active     = deco_v;
         }
         for (auto & sl : s->slots) {
             sl.owner = s;
             s->set_identity(sl);
         }
 
-        char buf[256];
-        snprintf(buf, sizeof(buf), "DecoQuant side state: K %s, V %s, group %d, variant %s, Hadamard %s, %d layers",
-                 deco_k ? "on" : "off", deco_v ? "on" : "off", s->g,
-                 s->variant == PKV_DECO_WHITEN ? "whiten" : "rotate", s->hadamard ? "kept" : "replaced", n_layer);
+        char buf[384];
+        int n = 0;
+        if (deco_k || deco_v) {
+            n += snprintf(buf + n, sizeof(buf) - n, "DecoQuant side state: K %s, V %s, group %d, variant %s, Hadamard %s; ",
+                     deco_k ? "on" : "off", deco_v ? "on" : "off", s->g,
+                     s->variant == PKV_DECO_WHITEN ? "whiten" : "rotate", s->hadamard ? "kept" : "replaced");
+        }
+        if (squat_k) {
+            n += snprintf(buf + n, sizeof(buf) - n, "SQuat keys: %d bits, rank %d, lambda %g%s, on the %s transform; ",
+                     squat_k, s->squat_rank, (double) s->squat_lambda, s->squat_normalize ? " (normalised)" : "",
+                     s->squat_on_deco ? "DecoQuant" : "Hadamard");
+        }
+        snprintf(buf + n, sizeof(buf) - n, "%d layers", n_layer);
         s->desc = buf;
     } catch (...) {
         delete s;
@@ -140,10 +229,19 @@ const char * pkv_side_describe(const pkv_side_state * s) {
 }
 
 bool pkv_side_keep_hadamard(ggml_type type) {
-    if (!PKV_GGML_IS_DECO(type)) {
+    const bool deco = PKV_GGML_IS_DECO(type) || (PKV_GGML_IS_SQUAT(type) && env_squat_on_deco());
+    if (!deco) {
         return true;
     }
     return env_hadamard();
+}
+
+void pkv_side_check_k_buffer(ggml_type type_k, bool host) {
+    if (PKV_GGML_IS_SQUAT(type_k) && !host) {
+        throw std::runtime_error(std::string("pyllm-kv: cache type ") + ggml_type_name(type_k) +
+            " encodes keys on the CPU and needs the KV cache in host memory; keep the KV cache on the CPU "
+            "(offload_kqv=False, llama.cpp -nkvo) or use kv4/kv3/kv2 on the GPU");
+    }
 }
 
 void pkv_side_reset(pkv_side_state * s) {
@@ -154,6 +252,9 @@ void pkv_side_reset(pkv_side_state * s) {
         if (sl.fitted) {
             s->set_identity(sl);
             sl.fitted = false;
+        }
+        if (sl.squat()) {
+            squat_set_identity(sl);
         }
     }
 }
@@ -202,12 +303,81 @@ ggml_tensor * make_op(ggml_context * ctx, pkv_side_state * s, pkv_side_slot * sl
                           args, x ? 1 : 0, pkv_side_fit_op, 1, sl);
 }
 
-pkv_side_slot * slot_of(pkv_side_state * s, int il, bool is_v) {
+// The layer's K (or V) slot if it has a DecoQuant transform (squat: false) or
+// a SQuat encoder (squat: true); nullptr otherwise.
+pkv_side_slot * slot_of(pkv_side_state * s, int il, bool is_v, bool squat = false) {
     if (!s || il < 0 || il >= s->n_layer) {
         return nullptr;
     }
     pkv_side_slot * sl = &s->slots[(size_t) 2 * il + (is_v ? 1 : 0)];
-    return sl->active ? sl : nullptr;
+    return (squat ? sl->squat() : sl->active) ? sl : nullptr;
+}
+
+// SQuat, first ubatch of each slot: the query subspace of every KV head from
+// the (rotated) queries of its GQA group, then U = chol(A^-1). Every ubatch:
+// K is passed through unchanged. The op exists so that the encoder, which
+// reads K from this op's output, cannot run before the fit.
+// Threads split the heads (the fit) and the bytes (the copy).
+void pkv_squat_fit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    auto * sl = static_cast<pkv_side_slot *>(userdata);
+    const pkv_side_state * s = sl->owner;
+    const ggml_tensor * k = dst->src[0];
+    const ggml_tensor * q = dst->src[1];
+
+    const int     d      = sl->d;
+    const int64_t n_head = q->ne[1];
+    const int64_t n_tok  = q->ne[2] * q->ne[3];
+    const int64_t n_gqa  = n_head / sl->n_head;
+    for (int h = ith; h < sl->n_head; h += nth) {
+        if (sl->head_fitted[h]) {
+            continue;
+        }
+        // rows: every token's queries of the heads that read KV head h
+        std::vector<float> rows((size_t) (n_tok * n_gqa * d));
+        for (int64_t t = 0; t < n_tok; ++t) {
+            for (int64_t i = 0; i < n_gqa; ++i) {
+                const float * src = (const float *) q->data + (t * n_head + h * n_gqa + i) * d;
+                memcpy(rows.data() + (t * n_gqa + i) * d, src, (size_t) d * sizeof(float));
+            }
+        }
+        // on failure pkv_squat_prepare leaves U = I: this head is then plain kv
+        pkv_squat_prepare(rows.data(), n_tok * n_gqa, d, s->squat_rank, s->squat_lambda,
+                          s->squat_normalize ? 1 : 0, sl->U.data() + (size_t) h * d * d);
+        sl->head_fitted[h] = 1;
+    }
+
+    const size_t n  = ggml_nbytes(dst);
+    const size_t per = (n + nth - 1) / nth;
+    const size_t b0 = std::min(n, per * ith), b1 = std::min(n, b0 + per);
+    if (b1 > b0) {
+        memcpy((char *) dst->data + b0, (const char *) k->data + b0, b1 - b0);
+    }
+}
+
+// SQuat encoder writing K rows straight into the cache: src[0] K rows (f32,
+// n_embd_gqa x n_tokens), src[1] the cache row of each token (I32/I64),
+// src[2] the cache (n_embd_gqa x cells). Threads split the tokens.
+void pkv_squat_store_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) dst;
+    const auto * sl = static_cast<const pkv_side_slot *>(userdata);
+    const ggml_tensor * k     = dst->src[0];
+    const ggml_tensor * idx   = dst->src[1];
+    const ggml_tensor * cache = dst->src[2];
+
+    const int     d      = sl->d;
+    const int64_t n_tok  = k->ne[1];
+    const size_t  head_b = (size_t) (d / PKV_BLOCK) * pkv_block_bytes(sl->squat_bits);
+    for (int64_t t = ith; t < n_tok; t += nth) {
+        const int64_t row = idx->type == GGML_TYPE_I64 ? ((const int64_t *) idx->data)[t]
+                                                       : (int64_t) ((const int32_t *) idx->data)[t];
+        GGML_ASSERT(row >= 0 && row < cache->ne[1]);
+        const float * src = (const float *) ((const char *) k->data + t * k->nb[1]);
+        char * out = (char *) cache->data + row * cache->nb[1];
+        for (int h = 0; h < sl->n_head; ++h) {
+            pkv_squat_quantize_row(sl->squat_bits, src + (size_t) h * d, sl->U.data() + (size_t) h * d * d,
+                                   d, out + h * head_b);
+        }
+    }
 }
 
 ggml_tensor * apply(ggml_context * ctx, ggml_tensor * x, ggml_tensor * mats, pkv_side_which which) {
@@ -237,6 +407,26 @@ ggml_tensor * pkv_side_attn_in(ggml_context * ctx, pkv_side_state * s, int il,
         *q = apply(ctx, *q, mk, PKV_SIDE_QUERY);
         *k = apply(ctx, *k, mk, PKV_SIDE_ENCODE);
     }
+    if (pkv_side_slot * sq = slot_of(s, il, false, true)) {
+        // SQuat: the queries as attention will see them (after Hadamard or deco)
+        *k = as_f32_contiguous(ctx, *k);
+        ggml_tensor * qc = as_f32_contiguous(ctx, *q);
+        const int64_t d = (*k)->ne[0], n_head_kv = (*k)->ne[1];
+        if (qc->ne[0] != d || n_head_kv < 1 || qc->ne[1] % n_head_kv != 0) {
+            throw std::runtime_error("pyllm-kv: SQuat needs queries and keys of the same head size and a "
+                                     "whole number of query heads per KV head");
+        }
+        if (sq->n_head == 0) {            // first graph: size the slot from the tensors
+            sq->n_head = (int) n_head_kv;
+            sq->d      = (int) d;
+            squat_set_identity(*sq);
+        } else if (sq->n_head != n_head_kv || sq->d != d) {
+            throw std::runtime_error("pyllm-kv: SQuat side state was made for another head layout");
+        }
+        ggml_tensor * args[2] = { *k, qc };
+        *k = ggml_custom_4d(ctx, GGML_TYPE_F32, (*k)->ne[0], (*k)->ne[1], (*k)->ne[2], (*k)->ne[3],
+                            args, 2, pkv_squat_fit_op, GGML_N_TASKS_MAX, sq);
+    }
     ggml_tensor * mv = nullptr;
     if (pkv_side_slot * sv = slot_of(s, il, true)) {
         *v = as_f32_contiguous(ctx, *v);
@@ -250,6 +440,22 @@ ggml_tensor * pkv_side_attn_out(ggml_context * ctx, ggml_tensor * v_mats, ggml_t
     return v_mats ? apply(ctx, cur, v_mats, PKV_SIDE_DECODE) : cur;
 }
 
+ggml_tensor * pkv_side_cpy_k(ggml_context * ctx, pkv_side_state * s, int il,
+                             ggml_tensor * k_cache, ggml_tensor * k_cur, ggml_tensor * k_idxs) {
+    pkv_side_slot * sq = slot_of(s, il, false, true);
+    if (!sq || sq->n_head == 0) {
+        return nullptr; // not squat, or K never went through build_attn's hook (then plain)
+    }
+    if (!PKV_GGML_IS_SQUAT(k_cache->type) || k_cache->ne[0] != (int64_t) sq->n_head * sq->d) {
+        throw std::runtime_error("pyllm-kv: SQuat K cache does not match its side state");
+    }
+    if (k_cur->type != GGML_TYPE_F32) {
+        k_cur = ggml_cast(ctx, k_cur, GGML_TYPE_F32);
+    }
+    ggml_tensor * args[3] = { k_cur, k_idxs, k_cache };
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 3, pkv_squat_store_op, GGML_N_TASKS_MAX, sq);
+}
+
 ggml_tensor * pkv_side_kshift_undo(ggml_context * ctx, pkv_side_state * s, int il, ggml_tensor * k_f32) {
     pkv_side_slot * sk = slot_of(s, il, false);
     return sk ? apply(ctx, k_f32, make_op(ctx, s, sk, nullptr), PKV_SIDE_DECODE) : k_f32;
@@ -261,19 +467,74 @@ ggml_tensor * pkv_side_kshift_redo(ggml_context * ctx, pkv_side_state * s, int i
 }
 
 // ---- session state ----------------------------------------------------------------
+//
+// Layout (version 2), all little-endian as in memory:
+//   header (pkv_side_header)
+//   per slot (2 per layer, K then V):
+//     u32 deco_fitted, float mats[3 g g]            (identity when unused)
+//     u32 n_head, u32 d                             (SQuat; 0, 0 when not sized)
+//     u8  head_fitted[n_head], zero-padded to 4 bytes
+//     float U[n_head d d]
 
 namespace {
 struct pkv_side_header {
     uint32_t magic, version, n_slots, g, variant, hadamard;
+    uint32_t squat_rank, squat_normalize, squat_on_deco;
+    float    squat_lambda;
 };
+
+size_t pad4(size_t n) { return (n + 3) & ~(size_t) 3; }
+
+size_t slot_bytes(const pkv_side_state * s, uint32_t n_head, uint32_t d) {
+    return sizeof(uint32_t) + (size_t) PKV_SIDE_NMATS * s->g * s->g * sizeof(float) +
+           2 * sizeof(uint32_t) + pad4(n_head) + (size_t) n_head * d * d * sizeof(float);
 }
+
+// a bounded reader: every read is checked against the blob's end
+struct reader {
+    const uint8_t * p, * end;
+    bool get(void * dst, size_t n) {
+        if ((size_t) (end - p) < n) return false;
+        memcpy(dst, p, n);
+        p += n;
+        return true;
+    }
+    const uint8_t * take(size_t n) {
+        if ((size_t) (end - p) < n) return nullptr;
+        const uint8_t * r = p;
+        p += n;
+        return r;
+    }
+};
+
+bool all_finite(const uint8_t * p, size_t n_floats) {
+    for (size_t j = 0; j < n_floats; ++j) {
+        float f;
+        memcpy(&f, p + j * sizeof(float), sizeof(f));
+        if (!std::isfinite(f)) return false;
+    }
+    return true;
+}
+
+// One slot of a blob, parsed and validated (pointers into the blob).
+struct slot_view {
+    uint32_t        deco_fitted = 0;
+    const uint8_t * mats = nullptr;
+    uint32_t        n_head = 0, d = 0;
+    const uint8_t * head_fitted = nullptr;
+    const uint8_t * U = nullptr;
+};
+} // namespace
 
 size_t pkv_side_state_size(const pkv_side_state * s) {
     if (!s) {
         return 0;
     }
-    const size_t per_slot = sizeof(uint32_t) + (size_t) PKV_SIDE_NMATS * s->g * s->g * sizeof(float);
-    return sizeof(pkv_side_header) + s->slots.size() * per_slot;
+    size_t n = sizeof(pkv_side_header);
+    for (const auto & sl : s->slots) {
+        n += slot_bytes(s, (uint32_t) sl.n_head, (uint32_t) sl.d);
+    }
+    return n;
 }
 
 void pkv_side_state_get(const pkv_side_state * s, uint8_t * dst) {
@@ -281,69 +542,128 @@ void pkv_side_state_get(const pkv_side_state * s, uint8_t * dst) {
         return;
     }
     const pkv_side_header h = { PKV_SIDE_MAGIC, PKV_SIDE_VERSION, (uint32_t) s->slots.size(),
-                                (uint32_t) s->g, (uint32_t) s->variant, (uint32_t) s->hadamard };
-    memcpy(dst, &h, sizeof(h));
-    dst += sizeof(h);
+                                (uint32_t) s->g, (uint32_t) s->variant, (uint32_t) s->hadamard,
+                                (uint32_t) s->squat_rank, (uint32_t) s->squat_normalize,
+                                (uint32_t) s->squat_on_deco, s->squat_lambda };
+    auto put = [&dst](const void * src, size_t n) { memcpy(dst, src, n); dst += n; };
+    put(&h, sizeof(h));
     for (const auto & sl : s->slots) {
         const uint32_t fitted = sl.fitted ? 1u : 0u;
-        memcpy(dst, &fitted, sizeof(fitted));
-        dst += sizeof(fitted);
-        memcpy(dst, sl.mats.data(), sl.mats.size() * sizeof(float));
-        dst += sl.mats.size() * sizeof(float);
+        put(&fitted, sizeof(fitted));
+        put(sl.mats.data(), sl.mats.size() * sizeof(float));
+        const uint32_t dims[2] = { (uint32_t) sl.n_head, (uint32_t) sl.d };
+        put(dims, sizeof(dims));
+        memset(dst, 0, pad4(sl.head_fitted.size()));
+        memcpy(dst, sl.head_fitted.data(), sl.head_fitted.size());
+        dst += pad4(sl.head_fitted.size());
+        put(sl.U.data(), sl.U.size() * sizeof(float));
     }
 }
 
 const char * pkv_side_state_set(pkv_side_state * s, const uint8_t * src, size_t n, bool replace) {
     if (!s) {
-        return n == 0 ? nullptr : "pyllm-kv: the state carries DecoQuant side state but this context's cache types have none";
+        return n == 0 ? nullptr : "pyllm-kv: the state carries side state (DecoQuant/SQuat) but this context's cache types have none";
     }
-    if (n != pkv_side_state_size(s)) {
-        return "pyllm-kv: DecoQuant side state in the state has the wrong size (different model, cache type or settings)";
-    }
+    reader rd = { src, src + n };
     pkv_side_header h;
-    memcpy(&h, src, sizeof(h));
-    if (h.magic != PKV_SIDE_MAGIC || h.version != PKV_SIDE_VERSION) {
-        return "pyllm-kv: DecoQuant side state in the state is corrupt (bad magic or version)";
+    if (!rd.get(&h, sizeof(h)) || h.magic != PKV_SIDE_MAGIC) {
+        return "pyllm-kv: side state in the state is corrupt (bad magic or too short)";
+    }
+    if (h.version != PKV_SIDE_VERSION) {
+        return "pyllm-kv: side state in the state has another version (saved by another pyllm-kv)";
     }
     if (h.n_slots != s->slots.size() || (int) h.g != s->g || (int) h.variant != s->variant ||
         (h.hadamard != 0) != s->hadamard) {
         return "pyllm-kv: DecoQuant side state in the state was made with other settings "
                "(layers, PYLLM_KV_DECO_GROUP/VARIANT/HADAMARD)";
     }
+    if ((int) h.squat_rank != s->squat_rank || (h.squat_normalize != 0) != s->squat_normalize ||
+        (h.squat_on_deco != 0) != s->squat_on_deco || !(h.squat_lambda == s->squat_lambda)) {
+        return "pyllm-kv: SQuat side state in the state was made with other settings "
+               "(PYLLM_KV_SQUAT_RANK/LAMBDA/NORMALIZE/TRANSFORM)";
+    }
     const size_t nm = (size_t) PKV_SIDE_NMATS * s->g * s->g;
-    const uint8_t * body = src + sizeof(h);
-    const size_t per_slot = sizeof(uint32_t) + nm * sizeof(float);
 
-    // validate everything first: on error the live state stays as it was
+    // parse and validate everything first: on error the live state stays as it was
+    std::vector<slot_view> views(s->slots.size());
     for (size_t i = 0; i < s->slots.size(); ++i) {
-        const uint8_t * p = body + i * per_slot;
-        uint32_t fitted;
-        memcpy(&fitted, p, sizeof(fitted));
-        if (fitted > 1) {
+        const pkv_side_slot & cur = s->slots[i];
+        slot_view & v = views[i];
+        uint32_t dims[2];
+        if (!rd.get(&v.deco_fitted, sizeof(v.deco_fitted)) || !(v.mats = rd.take(nm * sizeof(float))) ||
+            !rd.get(dims, sizeof(dims))) {
+            return "pyllm-kv: side state in the state is truncated";
+        }
+        v.n_head = dims[0];
+        v.d      = dims[1];
+        if (v.deco_fitted > 1) {
             return "pyllm-kv: DecoQuant side state in the state is corrupt (bad slot flag)";
         }
-        const float * m = reinterpret_cast<const float *>(p + sizeof(fitted));
-        for (size_t j = 0; j < nm; ++j) {
-            float f;
-            memcpy(&f, m + j, sizeof(f));
-            if (!std::isfinite(f)) {
-                return "pyllm-kv: DecoQuant side state in the state is corrupt (non-finite matrix)";
+        if (!all_finite(v.mats, nm)) {
+            return "pyllm-kv: DecoQuant side state in the state is corrupt (non-finite matrix)";
+        }
+        if (!cur.squat() && (v.n_head || v.d)) {
+            return "pyllm-kv: the state carries SQuat side state but this context's K cache type is not squat";
+        }
+        if ((v.n_head == 0) != (v.d == 0) || v.n_head > 4096 || v.d > PKV_LINALG_MAX_N ||
+            (cur.n_head && v.n_head && (v.n_head != (uint32_t) cur.n_head || v.d != (uint32_t) cur.d))) {
+            return "pyllm-kv: SQuat side state in the state is for another head layout (different model?)";
+        }
+        const size_t nu = (size_t) v.n_head * v.d * v.d;
+        if (!(v.head_fitted = rd.take(pad4(v.n_head))) || !(v.U = rd.take(nu * sizeof(float)))) {
+            return "pyllm-kv: side state in the state is truncated";
+        }
+        for (uint32_t hd = 0; hd < v.n_head; ++hd) {
+            if (v.head_fitted[hd] > 1) {
+                return "pyllm-kv: SQuat side state in the state is corrupt (bad head flag)";
             }
         }
-        const pkv_side_slot & cur = s->slots[i];
-        if (!replace && fitted && cur.fitted && memcmp(cur.mats.data(), m, nm * sizeof(float)) != 0) {
-            return "pyllm-kv: this sequence's saved DecoQuant side state differs from the one the context "
-                   "already uses; restore it into a context without other sequences";
+        if (!all_finite(v.U, nu)) {
+            return "pyllm-kv: SQuat side state in the state is corrupt (non-finite matrix)";
+        }
+        if (!replace) {
+            if (v.deco_fitted && cur.fitted && memcmp(cur.mats.data(), v.mats, nm * sizeof(float)) != 0) {
+                return "pyllm-kv: this sequence's saved DecoQuant side state differs from the one the context "
+                       "already uses; restore it into a context without other sequences";
+            }
+            const size_t dd = (size_t) v.d * v.d;
+            for (uint32_t hd = 0; cur.n_head && hd < v.n_head; ++hd) {
+                if (v.head_fitted[hd] && cur.head_fitted[hd] &&
+                    memcmp(cur.U.data() + hd * dd, v.U + hd * dd * sizeof(float), dd * sizeof(float)) != 0) {
+                    return "pyllm-kv: this sequence's saved SQuat side state differs from the one the context "
+                           "already uses; restore it into a context without other sequences";
+                }
+            }
         }
     }
+    if (rd.p != rd.end) {
+        return "pyllm-kv: side state in the state has trailing bytes (corrupt)";
+    }
+
     for (size_t i = 0; i < s->slots.size(); ++i) {
-        const uint8_t * p = body + i * per_slot;
-        uint32_t fitted;
-        memcpy(&fitted, p, sizeof(fitted));
         pkv_side_slot & cur = s->slots[i];
-        if (replace || (fitted && !cur.fitted)) {
-            memcpy(cur.mats.data(), p + sizeof(fitted), nm * sizeof(float));
-            cur.fitted = fitted != 0;
+        const slot_view & v = views[i];
+        if (replace || (v.deco_fitted && !cur.fitted)) {
+            memcpy(cur.mats.data(), v.mats, nm * sizeof(float));
+            cur.fitted = v.deco_fitted != 0;
+        }
+        if (!cur.squat()) {
+            continue;
+        }
+        if (v.n_head && cur.n_head == 0) {   // a fresh context: adopt the layout
+            cur.n_head = (int) v.n_head;
+            cur.d      = (int) v.d;
+            squat_set_identity(cur);
+        }
+        if (replace && v.n_head == 0) {
+            squat_set_identity(cur);
+        }
+        const size_t dd = (size_t) v.d * v.d;
+        for (uint32_t hd = 0; hd < v.n_head; ++hd) {
+            if (replace || (v.head_fitted[hd] && !cur.head_fitted[hd])) {
+                memcpy(cur.U.data() + hd * dd, v.U + hd * dd * sizeof(float), dd * sizeof(float));
+                cur.head_fitted[hd] = v.head_fitted[hd];
+            }
         }
     }
     return nullptr;

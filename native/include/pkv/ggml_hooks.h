@@ -23,14 +23,20 @@
 
 /* deco*: DecoQuant. The same block storage as kv*; what differs is that llama.cpp
  * transforms rows with the cache's side state before storing them (and q and
- * the attention output accordingly), see src/pkv/deco_graph in patches/. */
+ * the attention output accordingly), see pkv/llama_side_state.h.
+ * squat*: SQuat. Again kv* storage; K rows are written by the SQuat encoder
+ * (pkv_side_cpy_k) instead of from_float, which stays the plain encoder (used
+ * for V, K-shift and any generic conversion). */
 #define PKV_GGML_TYPE_TRAITS                    \
     PKV_TYPE_ROW(GGML_TYPE_KV4, "kv4", 4)       \
     PKV_TYPE_ROW(GGML_TYPE_KV3, "kv3", 3)       \
     PKV_TYPE_ROW(GGML_TYPE_KV2, "kv2", 2)       \
     PKV_TYPE_ROW(GGML_TYPE_DECO4, "deco4", 4)   \
     PKV_TYPE_ROW(GGML_TYPE_DECO3, "deco3", 3)   \
-    PKV_TYPE_ROW(GGML_TYPE_DECO2, "deco2", 2)
+    PKV_TYPE_ROW(GGML_TYPE_DECO2, "deco2", 2)   \
+    PKV_TYPE_ROW(GGML_TYPE_SQUAT4, "squat4", 4) \
+    PKV_TYPE_ROW(GGML_TYPE_SQUAT3, "squat3", 3) \
+    PKV_TYPE_ROW(GGML_TYPE_SQUAT2, "squat2", 2)
 
 /* ggml-cpu.c: type_traits_cpu[] rows. K scores read the query as q8_1, whose
  * per-block sum lets the asymmetric minimum be applied once per block. */
@@ -48,19 +54,23 @@
     PKV_CPU_ROW(GGML_TYPE_KV2, 2)               \
     PKV_CPU_ROW(GGML_TYPE_DECO4, 4)             \
     PKV_CPU_ROW(GGML_TYPE_DECO3, 3)             \
-    PKV_CPU_ROW(GGML_TYPE_DECO2, 2)
+    PKV_CPU_ROW(GGML_TYPE_DECO2, 2)             \
+    PKV_CPU_ROW(GGML_TYPE_SQUAT4, 4)            \
+    PKV_CPU_ROW(GGML_TYPE_SQUAT3, 3)            \
+    PKV_CPU_ROW(GGML_TYPE_SQUAT2, 2)
 
 /* All our types, for tools that list cache types (-ctk/-ctv). */
 #define PKV_GGML_TYPE_LIST GGML_TYPE_KV4, GGML_TYPE_KV3, GGML_TYPE_KV2, \
-                           GGML_TYPE_DECO4, GGML_TYPE_DECO3, GGML_TYPE_DECO2
+                           GGML_TYPE_DECO4, GGML_TYPE_DECO3, GGML_TYPE_DECO2, \
+                           GGML_TYPE_SQUAT4, GGML_TYPE_SQUAT3, GGML_TYPE_SQUAT2
 
 /* Bits per code of our block storage (4, 3, 2), 0 for any other type. Every
  * type of ours with the same width shares one block storage, so kernels (CPU
  * decode, CUDA in patches/0009) key on this. */
 #define PKV_GGML_BITS(t)                                                        \
-    (((t) == GGML_TYPE_KV4 || (t) == GGML_TYPE_DECO4) ? 4 :                     \
-     ((t) == GGML_TYPE_KV3 || (t) == GGML_TYPE_DECO3) ? 3 :                     \
-     ((t) == GGML_TYPE_KV2 || (t) == GGML_TYPE_DECO2) ? 2 : 0)
+    (((t) == GGML_TYPE_KV4 || (t) == GGML_TYPE_DECO4 || (t) == GGML_TYPE_SQUAT4) ? 4 : \
+     ((t) == GGML_TYPE_KV3 || (t) == GGML_TYPE_DECO3 || (t) == GGML_TYPE_SQUAT3) ? 3 : \
+     ((t) == GGML_TYPE_KV2 || (t) == GGML_TYPE_DECO2 || (t) == GGML_TYPE_SQUAT2) ? 2 : 0)
 
 /* True for our types: ggml-cpu's tiled flash-attention prefill decodes their
  * rows per tile (through to_float) instead of per query row. */
@@ -68,6 +78,9 @@
 
 /* DecoQuant types: llama.cpp keeps a per-layer side state for them. */
 #define PKV_GGML_IS_DECO(t) ((t) == GGML_TYPE_DECO4 || (t) == GGML_TYPE_DECO3 || (t) == GGML_TYPE_DECO2)
+
+/* SQuat types: K rows need the per-(layer, KV head) query-subspace factor. */
+#define PKV_GGML_IS_SQUAT(t) ((t) == GGML_TYPE_SQUAT4 || (t) == GGML_TYPE_SQUAT3 || (t) == GGML_TYPE_SQUAT2)
 
 /* V accumulation in ggml-cpu's per-row flash attention (decode): VKQ += vs*V
  * straight from the blocks. Evaluates to false for other types. */
@@ -84,7 +97,10 @@
     case GGML_TYPE_KV2:                         \
     case GGML_TYPE_DECO4:                       \
     case GGML_TYPE_DECO3:                       \
-    case GGML_TYPE_DECO2
+    case GGML_TYPE_DECO2:                       \
+    case GGML_TYPE_SQUAT4:                      \
+    case GGML_TYPE_SQUAT3:                      \
+    case GGML_TYPE_SQUAT2
 
 /* ggml-quants.c: ggml_validate_row_data() cases. */
 #define PKV_GGML_VALIDATE_CASES(data, nbytes)                               \

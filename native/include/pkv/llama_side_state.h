@@ -1,12 +1,16 @@
 /*
  * pyllm-kv side state: small per-layer matrices that belong to llama.cpp's KV
- * cache (not to the model) for cache types that transform rows before storing
- * them. Today: DecoQuant (deco4/deco3/deco2), see docs/decoquant.md.
+ * cache (not to the model) for cache types that need more than the row itself
+ * to store it: DecoQuant (deco4/deco3/deco2, a per-layer transform, see
+ * docs/decoquant.md) and SQuat (squat4/squat3/squat2, per layer and KV head
+ * the factor of the query-subspace metric the key encoder uses, see
+ * docs/squat.md).
  *
  * Life cycle (the rule llama.cpp's patched KV cache follows):
  *   - empty after the cache is created, cleared (llama_memory_clear) or emptied
  *     (llama_memory_seq_rm leaving no cell in use);
- *   - fitted, per layer and for K and V separately, from the rows of the FIRST
+ *   - fitted, per layer and for K and V separately (SQuat: per KV head, from
+ *     the queries of its GQA group), from the rows of the FIRST
  *     ubatch that reaches that layer's attention after that (the first prefill
  *     batch; if the prompt is split into several ubatches, the first one decides
  *     and later ones reuse it), inside the graph, before those rows are stored;
@@ -56,6 +60,11 @@ const char * pkv_side_describe(const pkv_side_state * s);
  * environment asks for both (PYLLM_KV_DECO_HADAMARD=1, a measured variant). */
 bool pkv_side_keep_hadamard(ggml_type type);
 
+/* Throws (naming the fix) when K of this type cannot live in a buffer of that
+ * kind: SQuat's encoder writes K from the CPU, so squat* K needs host memory
+ * (on a GPU build keep the KV cache on the CPU: offload_kqv=False / -nkvo). */
+void pkv_side_check_k_buffer(ggml_type type_k, bool host);
+
 /* Forget everything: the next ubatch fits anew. s may be nullptr. */
 void pkv_side_reset(pkv_side_state * s);
 
@@ -65,6 +74,15 @@ void pkv_side_reset(pkv_side_state * s);
 ggml_tensor * pkv_side_attn_in(ggml_context * ctx, pkv_side_state * s, int il,
                                ggml_tensor ** q, ggml_tensor ** k, ggml_tensor ** v);
 ggml_tensor * pkv_side_attn_out(ggml_context * ctx, ggml_tensor * v_mats, ggml_tensor * cur);
+
+/* SQuat: store a ubatch's K rows into the cache with the SQuat encoder
+ * (replaces upstream's set_rows in llama_kv_cache::cpy_k). k_cache: the cache
+ * as n_embd_gqa x cells, k_cur: n_embd_gqa x n_tokens, k_idxs: the cell of
+ * each token. Returns nullptr when this layer's K is not SQuat (the caller
+ * then stores as usual). Runs on the CPU (a ggml custom op): llama.cpp keeps
+ * the cache in host memory for it (CUDA offload of squat K is refused). */
+ggml_tensor * pkv_side_cpy_k(ggml_context * ctx, pkv_side_state * s, int il,
+                             ggml_tensor * k_cache, ggml_tensor * k_cur, ggml_tensor * k_idxs);
 
 /* K-shift: rows decoded to f32 -> (undo transform) ... (redo transform). */
 ggml_tensor * pkv_side_kshift_undo(ggml_context * ctx, pkv_side_state * s, int il, ggml_tensor * k_f32);

@@ -1,0 +1,58 @@
+"""Helpers shared by the end-to-end quality tests (test_deco.py, test_squat.py):
+per-position logits through llama_decode, and KLD/top-1 against a reference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pyllm_kv import _libs
+
+
+def all_logits(m, tokens, step=None):
+    """Logits after every token, from an empty cache, the prompt fed to llama_decode
+    in pieces of `step` tokens (default: all at once)."""
+    lc = _libs.llama_cpp()
+    ctx = m.llama.ctx
+    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+    step = step or len(tokens)
+    n_vocab = m.llama.n_vocab()
+    batch = lc.llama_batch_init(step, 0, 1)
+    out = []
+    try:
+        for p0 in range(0, len(tokens), step):
+            piece = tokens[p0:p0 + step]
+            batch.n_tokens = len(piece)
+            for i, t in enumerate(piece):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, p0 + i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1
+            assert lc.llama_decode(ctx, batch) == 0
+            ptr = lc.llama_get_logits(ctx)
+            out.append(np.ctypeslib.as_array(ptr, shape=(len(piece) * n_vocab,)).reshape(len(piece), n_vocab).copy())
+    finally:
+        lc.llama_batch_free(batch)
+    m.llama.reset()  # llama-cpp-python's own bookkeeping: nothing cached that it knows of
+    return np.concatenate(out).astype(np.float64)
+
+
+def log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kld_top1(ref, other):
+    """Mean KL(ref || other) over positions and the top-1 agreement."""
+    lp, lq = log_softmax(ref), log_softmax(other)
+    kld = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    top1 = float(np.mean(ref.argmax(-1) == other.argmax(-1)))
+    return kld, top1
+
+
+def greedy(ll, n=12):
+    """Continue a llama_cpp.Llama greedily from its last evaluated token."""
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(ll.scores[ll.n_tokens - 1]))
+        out.append(t)
+        ll.eval([t])
+    return out
