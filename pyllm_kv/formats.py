@@ -42,7 +42,8 @@ class Format:
     # a solo run. tests/test_multiseq.py bounds that difference by numbers.
     shared_side_state: bool = False
     # Side state that scales with the model's KV heads instead of a fixed size per
-    # layer: "squat" = one float32 head_dim x head_dim factor per KV head, K only
+    # layer: "squat" = per KV head the upper triangle of a head_dim x head_dim
+    # factor in fp16 (head_dim*(head_dim+1) bytes), K only
     # (see model_info.side_state_bytes). Empty for everything else.
     side_state_kind: str = ""
 

@@ -162,7 +162,8 @@ def side_state_bytes(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str
     total = info.n_layer * (k.side_state_bytes + v.side_state_bytes)
     if k.side_state_kind == "squat":  # K only: SQuat as V is the plain format
         kv_heads = sum(info.n_head_kv_per_layer) or info.n_head_kv * info.n_layer
-        total += kv_heads * info.head_dim_k * info.head_dim_k * 4
+        d = info.head_dim_k  # packed upper triangle of U, fp16 (pkv_squat_pack)
+        total += kv_heads * (d * (d + 1) // 2) * 2
     return total
 
 

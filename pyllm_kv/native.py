@@ -40,6 +40,10 @@ int pkv_deco_fit(const float * x, int64_t n_rows, int64_t row_stride, int64_t ro
 int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float lambda,
                       int normalize, float * U);
 void pkv_squat_quantize_row(int bits, const float * k, const float * U, int d, void * out);
+void pkv_squat_quantize_row_ref(int bits, const float * k, const float * U, int d, void * out);
+size_t pkv_squat_packed_len(int d);
+void pkv_squat_pack(const float * U, int d, uint16_t * Up);
+void pkv_squat_unpack(const uint16_t * Up, int d, float * U);
 void pkv_squat_quantize_rows(int bits, const float * k, int64_t n_rows, int n_heads,
                              const float * U_per_head, int d, void * out);
 """
@@ -237,8 +241,9 @@ def squat_prepare(q, d: int, r: int, lam: float, normalize: bool = True) -> np.n
     return U
 
 
-def squat_quantize_row(bits: int, k, U) -> np.ndarray:
-    """Encode one key head vector with the SQuat encoder into plain blocks."""
+def squat_quantize_row(bits: int, k, U, reference: bool = False) -> np.ndarray:
+    """Encode one key head vector with the SQuat encoder into plain blocks
+    (``reference``: the scalar error feedback instead of AVX2)."""
     ffi, L = lib()
     k = _f32(k)
     d = k.size
@@ -248,9 +253,32 @@ def squat_quantize_row(bits: int, k, U) -> np.ndarray:
     if U.shape != (d, d):
         raise ValueError(f"U must be {d}x{d}, got {U.shape}")
     out = np.zeros(d // BLOCK * block_bytes(bits), dtype=np.uint8)
-    L.pkv_squat_quantize_row(bits, ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", U),
-                             d, ffi.from_buffer(out))
+    fn = L.pkv_squat_quantize_row_ref if reference else L.pkv_squat_quantize_row
+    fn(bits, ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", U), d, ffi.from_buffer(out))
     return out
+
+
+def squat_pack(U) -> np.ndarray:
+    """U (d x d) -> its upper triangle, row by row, as fp16 bits (uint16)."""
+    ffi, L = lib()
+    U = _f32(U)
+    d = U.shape[0]
+    if U.ndim != 2 or U.shape != (d, d) or d < 1:
+        raise ValueError(f"U must be square, got {U.shape}")
+    out = np.zeros(L.pkv_squat_packed_len(d), dtype=np.uint16)
+    L.pkv_squat_pack(ffi.from_buffer("float[]", U), d, ffi.cast("uint16_t *", ffi.from_buffer(out)))
+    return out
+
+
+def squat_unpack(Up, d: int) -> np.ndarray:
+    """Inverse of :func:`squat_pack` (zeros below the diagonal)."""
+    ffi, L = lib()
+    Up = np.ascontiguousarray(Up, dtype=np.uint16)
+    if Up.size != L.pkv_squat_packed_len(d):
+        raise ValueError(f"packed U of d={d} has {L.pkv_squat_packed_len(d)} values, got {Up.size}")
+    U = np.zeros((d, d), dtype=np.float32)
+    L.pkv_squat_unpack(ffi.cast("uint16_t *", ffi.from_buffer(Up)), d, ffi.from_buffer("float[]", U))
+    return U
 
 
 def squat_quantize_rows(bits: int, k, U_per_head) -> np.ndarray:

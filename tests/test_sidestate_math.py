@@ -439,6 +439,33 @@ def test_squat_identity_is_plain_codec(bits, d):
 
 
 @pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("d", [64, 128, 192])
+def test_squat_simd_equals_scalar(bits, d):
+    """The AVX2 error feedback rounds like the scalar one (one fma per element):
+    the bytes must be identical, on fresh random keys, subspaces and scales."""
+    rng = np.random.default_rng()
+    U = native.squat_prepare(low_rank_queries(rng, 200, d, 20), d, 20, float(rng.uniform(1, 1e4)))
+    for _ in range(50):
+        k = (rng.standard_normal(d) * rng.uniform(0.01, 100)).astype(np.float32)
+        np.testing.assert_array_equal(native.squat_quantize_row(bits, k, U),
+                                      native.squat_quantize_row(bits, k, U, reference=True))
+
+
+@pytest.mark.parametrize("d", [1, 7, 64, 128])
+def test_squat_pack_roundtrip(d):
+    """The side state keeps U as fp16 upper triangles: unpack(pack(U)) must be U
+    rounded to fp16 (numpy's rounding) with zeros below the diagonal."""
+    rng = np.random.default_rng()
+    if d % 64 == 0:
+        U = native.squat_prepare(low_rank_queries(rng, 100, d, 8), d, 8, 100.0)
+    else:
+        U = np.triu(rng.uniform(-1, 1, (d, d))).astype(np.float32)
+    Up = native.squat_pack(U)
+    assert Up.size == d * (d + 1) // 2
+    np.testing.assert_array_equal(native.squat_unpack(Up, d), np.triu(U).astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", BITS)
 def test_squat_nonfinite_keys(bits):
     rng = np.random.default_rng()
     d = 128

@@ -210,5 +210,6 @@ def test_bad_environment_is_named(lib_dir, model_path, require_format, monkeypat
 def test_side_state_is_reported(load):
     rep = load("squat4").kv_report()
     info = load("squat4").info
-    assert rep["side_state_bytes"] == info.n_layer * info.n_head_kv * info.head_dim_k ** 2 * 4
+    d = info.head_dim_k
+    assert rep["side_state_bytes"] == info.n_layer * info.n_head_kv * d * (d + 1)  # fp16 upper triangles
     assert formats.resolve("squat4").bits == formats.resolve("kv4").bits == 4.5

@@ -35,15 +35,17 @@ struct pkv_side_slot {
     std::vector<float> mats;           // PKV_SIDE_NMATS * g * g
 
     // SQuat (K slots of squat* types): per KV head, the upper Cholesky factor U
-    // of A^-1 (pkv_squat_prepare), d x d row-major. Sized at the first graph
-    // build (the head count and size come from the tensors), identity until the
-    // head is fitted. Each head has its own flag because the fit op runs its
-    // heads on several threads.
-    int                  squat_bits = 0;   // 0: no SQuat on this slot
-    int                  n_head     = 0;
-    int                  d          = 0;
-    std::vector<float>   U;                // n_head * d * d
-    std::vector<uint8_t> head_fitted;      // n_head
+    // of A^-1 (pkv_squat_prepare), kept packed in fp16 (pkv_squat_pack:
+    // d(d+1)/2 values per head). Sized at the first graph build (the head count
+    // and size come from the tensors), identity until the head is fitted. Each
+    // head has its own flag because the fit op runs its heads on several threads.
+    int                   squat_bits = 0;  // 0: no SQuat on this slot
+    int                   n_head     = 0;
+    int                   d          = 0;
+    std::vector<uint16_t> U;               // n_head * packed_len(d)
+    std::vector<uint8_t>  head_fitted;     // n_head
+
+    size_t packed() const { return pkv_squat_packed_len(d); }
 
     bool squat() const { return squat_bits != 0; }
     bool in_use() const { return active || squat(); }
@@ -96,12 +98,13 @@ int squat_bits_of(ggml_type t) {
 
 // Every head of the slot back to U = I (plain encoding) and unfitted.
 void squat_set_identity(pkv_side_slot & sl) {
-    const size_t d = (size_t) sl.d;
-    sl.U.assign((size_t) sl.n_head * d * d, 0.0f);
-    for (size_t h = 0; h < (size_t) sl.n_head; ++h) {
-        for (size_t i = 0; i < d; ++i) {
-            sl.U[h * d * d + i * d + i] = 1.0f;
-        }
+    std::vector<float> eye((size_t) sl.d * sl.d, 0.0f);
+    for (int i = 0; i < sl.d; ++i) {
+        eye[(size_t) i * sl.d + i] = 1.0f;
+    }
+    sl.U.assign((size_t) sl.n_head * sl.packed(), 0);
+    for (int h = 0; h < sl.n_head; ++h) {
+        pkv_squat_pack(eye.data(), sl.d, sl.U.data() + (size_t) h * sl.packed());
     }
     sl.head_fitted.assign((size_t) sl.n_head, 0);
 }
@@ -341,8 +344,10 @@ void pkv_squat_fit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
             }
         }
         // on failure pkv_squat_prepare leaves U = I: this head is then plain kv
+        std::vector<float> U((size_t) d * d);
         pkv_squat_prepare(rows.data(), n_tok * n_gqa, d, s->squat_rank, s->squat_lambda,
-                          s->squat_normalize ? 1 : 0, sl->U.data() + (size_t) h * d * d);
+                          s->squat_normalize ? 1 : 0, U.data());
+        pkv_squat_pack(U.data(), d, sl->U.data() + (size_t) h * sl->packed());
         sl->head_fitted[h] = 1;
     }
 
@@ -367,6 +372,14 @@ void pkv_squat_store_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int     d      = sl->d;
     const int64_t n_tok  = k->ne[1];
     const size_t  head_b = (size_t) (d / PKV_BLOCK) * pkv_block_bytes(sl->squat_bits);
+    if (ith >= n_tok) {
+        return;
+    }
+    // this thread's dense copy of every head's U (the encoder reads rows of it)
+    std::vector<float> U((size_t) sl->n_head * d * d);
+    for (int h = 0; h < sl->n_head; ++h) {
+        pkv_squat_unpack(sl->U.data() + (size_t) h * sl->packed(), d, U.data() + (size_t) h * d * d);
+    }
     for (int64_t t = ith; t < n_tok; t += nth) {
         const int64_t row = idx->type == GGML_TYPE_I64 ? ((const int64_t *) idx->data)[t]
                                                        : (int64_t) ((const int32_t *) idx->data)[t];
@@ -374,7 +387,7 @@ void pkv_squat_store_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         const float * src = (const float *) ((const char *) k->data + t * k->nb[1]);
         char * out = (char *) cache->data + row * cache->nb[1];
         for (int h = 0; h < sl->n_head; ++h) {
-            pkv_squat_quantize_row(sl->squat_bits, src + (size_t) h * d, sl->U.data() + (size_t) h * d * d,
+            pkv_squat_quantize_row(sl->squat_bits, src + (size_t) h * d, U.data() + (size_t) h * d * d,
                                    d, out + h * head_b);
         }
     }
@@ -474,7 +487,7 @@ ggml_tensor * pkv_side_kshift_redo(ggml_context * ctx, pkv_side_state * s, int i
 //     u32 deco_fitted, float mats[3 g g]            (identity when unused)
 //     u32 n_head, u32 d                             (SQuat; 0, 0 when not sized)
 //     u8  head_fitted[n_head], zero-padded to 4 bytes
-//     float U[n_head d d]
+//     u16 U[n_head d(d+1)/2] (packed fp16, pkv_squat_pack), zero-padded to 4 bytes
 
 namespace {
 struct pkv_side_header {
@@ -485,9 +498,13 @@ struct pkv_side_header {
 
 size_t pad4(size_t n) { return (n + 3) & ~(size_t) 3; }
 
+size_t u_bytes(uint32_t n_head, uint32_t d) {
+    return pad4((size_t) n_head * pkv_squat_packed_len((int) d) * sizeof(uint16_t));
+}
+
 size_t slot_bytes(const pkv_side_state * s, uint32_t n_head, uint32_t d) {
     return sizeof(uint32_t) + (size_t) PKV_SIDE_NMATS * s->g * s->g * sizeof(float) +
-           2 * sizeof(uint32_t) + pad4(n_head) + (size_t) n_head * d * d * sizeof(float);
+           2 * sizeof(uint32_t) + pad4(n_head) + u_bytes(n_head, d);
 }
 
 // a bounded reader: every read is checked against the blob's end
@@ -506,6 +523,15 @@ struct reader {
         return r;
     }
 };
+
+bool all_finite_f16(const uint8_t * p, size_t n) {
+    for (size_t j = 0; j < n; ++j) {
+        uint16_t h;
+        memcpy(&h, p + j * sizeof(h), sizeof(h));
+        if ((h & 0x7c00) == 0x7c00) return false; // Inf or NaN
+    }
+    return true;
+}
 
 bool all_finite(const uint8_t * p, size_t n_floats) {
     for (size_t j = 0; j < n_floats; ++j) {
@@ -556,7 +582,9 @@ void pkv_side_state_get(const pkv_side_state * s, uint8_t * dst) {
         memset(dst, 0, pad4(sl.head_fitted.size()));
         memcpy(dst, sl.head_fitted.data(), sl.head_fitted.size());
         dst += pad4(sl.head_fitted.size());
-        put(sl.U.data(), sl.U.size() * sizeof(float));
+        memset(dst, 0, u_bytes((uint32_t) sl.n_head, (uint32_t) sl.d));
+        memcpy(dst, sl.U.data(), sl.U.size() * sizeof(uint16_t));
+        dst += u_bytes((uint32_t) sl.n_head, (uint32_t) sl.d);
     }
 }
 
@@ -609,8 +637,8 @@ const char * pkv_side_state_set(pkv_side_state * s, const uint8_t * src, size_t 
             (cur.n_head && v.n_head && (v.n_head != (uint32_t) cur.n_head || v.d != (uint32_t) cur.d))) {
             return "pyllm-kv: SQuat side state in the state is for another head layout (different model?)";
         }
-        const size_t nu = (size_t) v.n_head * v.d * v.d;
-        if (!(v.head_fitted = rd.take(pad4(v.n_head))) || !(v.U = rd.take(nu * sizeof(float)))) {
+        const size_t nu = (size_t) v.n_head * pkv_squat_packed_len((int) v.d);
+        if (!(v.head_fitted = rd.take(pad4(v.n_head))) || !(v.U = rd.take(u_bytes(v.n_head, v.d)))) {
             return "pyllm-kv: side state in the state is truncated";
         }
         for (uint32_t hd = 0; hd < v.n_head; ++hd) {
@@ -618,7 +646,7 @@ const char * pkv_side_state_set(pkv_side_state * s, const uint8_t * src, size_t 
                 return "pyllm-kv: SQuat side state in the state is corrupt (bad head flag)";
             }
         }
-        if (!all_finite(v.U, nu)) {
+        if (!all_finite_f16(v.U, nu)) {
             return "pyllm-kv: SQuat side state in the state is corrupt (non-finite matrix)";
         }
         if (!replace) {
@@ -626,10 +654,10 @@ const char * pkv_side_state_set(pkv_side_state * s, const uint8_t * src, size_t 
                 return "pyllm-kv: this sequence's saved DecoQuant side state differs from the one the context "
                        "already uses; restore it into a context without other sequences";
             }
-            const size_t dd = (size_t) v.d * v.d;
+            const size_t pl = pkv_squat_packed_len((int) v.d);
             for (uint32_t hd = 0; cur.n_head && hd < v.n_head; ++hd) {
                 if (v.head_fitted[hd] && cur.head_fitted[hd] &&
-                    memcmp(cur.U.data() + hd * dd, v.U + hd * dd * sizeof(float), dd * sizeof(float)) != 0) {
+                    memcmp(cur.U.data() + hd * pl, v.U + hd * pl * sizeof(uint16_t), pl * sizeof(uint16_t)) != 0) {
                     return "pyllm-kv: this sequence's saved SQuat side state differs from the one the context "
                            "already uses; restore it into a context without other sequences";
                 }
@@ -658,10 +686,10 @@ const char * pkv_side_state_set(pkv_side_state * s, const uint8_t * src, size_t 
         if (replace && v.n_head == 0) {
             squat_set_identity(cur);
         }
-        const size_t dd = (size_t) v.d * v.d;
+        const size_t pl = pkv_squat_packed_len((int) v.d);
         for (uint32_t hd = 0; hd < v.n_head; ++hd) {
             if (replace || (v.head_fitted[hd] && !cur.head_fitted[hd])) {
-                memcpy(cur.U.data() + hd * dd, v.U + hd * dd * sizeof(float), dd * sizeof(float));
+                memcpy(cur.U.data() + hd * pl, v.U + hd * pl * sizeof(uint16_t), pl * sizeof(uint16_t));
                 cur.head_fitted[hd] = v.head_fitted[hd];
             }
         }

@@ -9,6 +9,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PKV_SQUAT_AVX2 1
+#endif
+
 /* Cap on lambda * w_i (the weight of query direction i in A). A^-1 has
  * eigenvalue 1/(1 + lambda w_i) along that direction and we form A^-1 as
  * I - sum c_i v_i v_i^T, which loses relative accuracy in that eigenvalue as
@@ -108,7 +113,31 @@ int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float lambda,
 /* Work buffer on the stack for usual head sizes; malloc beyond. */
 #define PKV_SQUAT_STACK_D 512
 
-void pkv_squat_quantize_row(int bits, const float * k, const float * U, int d, void * out) {
+/* The OBS error feedback, w[c] -= err * u[c] for c < n: nearly all of the
+ * encoder's d^2/2 flops. Both versions round once per element (fma), so the
+ * AVX2 one is bit-identical to the scalar reference. */
+static void obs_update_scalar(double * w, const float * u, double err, int n) {
+    for (int c = 0; c < n; c++) w[c] = fma(-err, (double) u[c], w[c]);
+}
+
+#ifdef PKV_SQUAT_AVX2
+static void obs_update_avx2(double * w, const float * u, double err, int n) {
+    const __m256d e = _mm256_set1_pd(err);
+    int c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const __m256d u0 = _mm256_cvtps_pd(_mm_loadu_ps(u + c));
+        const __m256d u1 = _mm256_cvtps_pd(_mm_loadu_ps(u + c + 4));
+        _mm256_storeu_pd(w + c,     _mm256_fnmadd_pd(e, u0, _mm256_loadu_pd(w + c)));
+        _mm256_storeu_pd(w + c + 4, _mm256_fnmadd_pd(e, u1, _mm256_loadu_pd(w + c + 4)));
+    }
+    obs_update_scalar(w + c, u + c, err, n - c);
+}
+#endif
+
+typedef void (*obs_update_fn)(double * w, const float * u, double err, int n);
+
+static void squat_quantize_row(int bits, const float * k, const float * U, int d, void * out,
+                               obs_update_fn obs_update) {
     const size_t bsz = pkv_block_bytes(bits);
     if (bsz == 0 || !k || !U || !out || d < PKV_BLOCK || d % PKV_BLOCK != 0) return;
 
@@ -150,8 +179,7 @@ void pkv_squat_quantize_row(int bits, const float * k, const float * U, int d, v
             const double qv = (double) m + (double) dq * (double) code;
             const double err = (w[j] - qv) / ujj;
             if (err == 0.0) continue;
-            const float * uj = U + (size_t) j * d;
-            for (int c = j + 1; c < d; c++) w[c] -= err * (double) uj[c];
+            obs_update(w + j + 1, U + (size_t) j * d + j + 1, err, d - j - 1);
         }
 
         uint8_t * blk = (uint8_t *) out + (size_t) b * bsz;
@@ -160,6 +188,18 @@ void pkv_squat_quantize_row(int bits, const float * k, const float * U, int d, v
     }
 
     if (w != stack_w) free(w);
+}
+
+void pkv_squat_quantize_row(int bits, const float * k, const float * U, int d, void * out) {
+#ifdef PKV_SQUAT_AVX2
+    squat_quantize_row(bits, k, U, d, out, obs_update_avx2);
+#else
+    squat_quantize_row(bits, k, U, d, out, obs_update_scalar);
+#endif
+}
+
+void pkv_squat_quantize_row_ref(int bits, const float * k, const float * U, int d, void * out) {
+    squat_quantize_row(bits, k, U, d, out, obs_update_scalar);
 }
 
 void pkv_squat_quantize_rows(int bits, const float * k, int64_t n_rows, int n_heads,
@@ -174,5 +214,33 @@ void pkv_squat_quantize_rows(int bits, const float * k, int64_t n_rows, int n_he
             pkv_squat_quantize_row(bits, k + idx * d, U_per_head + (size_t) h * d * d, d,
                                    (uint8_t *) out + (size_t) idx * head_bytes);
         }
+    }
+}
+
+/* Packed storage of U: the upper triangle row by row (row j: U[j][j..d-1]) in
+ * fp16. Row j starts at j*d - j*(j-1)/2. */
+static size_t packed_row(int d, int j) {
+    return (size_t) j * (size_t) d - (size_t) j * (size_t) (j - 1) / 2;
+}
+
+size_t pkv_squat_packed_len(int d) {
+    return d > 0 ? (size_t) d * (size_t) (d + 1) / 2 : 0;
+}
+
+void pkv_squat_pack(const float * U, int d, uint16_t * Up) {
+    if (!U || !Up || d < 1) return;
+    for (int j = 0; j < d; j++) {
+        uint16_t * row = Up + packed_row(d, j);
+        for (int c = j; c < d; c++) row[c - j] = pkv_fp32_to_fp16(U[(size_t) j * d + c]);
+    }
+}
+
+void pkv_squat_unpack(const uint16_t * Up, int d, float * U) {
+    if (!U || !Up || d < 1) return;
+    for (int j = 0; j < d; j++) {
+        const uint16_t * row = Up + packed_row(d, j);
+        float * u = U + (size_t) j * d;
+        for (int c = 0; c < j; c++) u[c] = 0.0f;
+        for (int c = j; c < d; c++) u[c] = pkv_fp16_to_fp32(row[c - j]);
     }
 }

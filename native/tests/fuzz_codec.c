@@ -677,6 +677,8 @@ static void check_squat(int iters) {
             for (int i = 0; i < d; i++) CHECK(isfinite(y[i]) && fabsf(y[i]) <= 65504.0f + 64.0f, "decode[%d] = %g", i, y[i]);
             buf_free(&by);
         }
+        pkv_squat_quantize_row_ref(bits, k, U, d, out2);
+        CHECK(memcmp(out, out2, out_bytes) == 0, "squat SIMD != squat scalar reference");
         for (int i = 0; i < d; i++) ks[i] = policy(k[i]);
         pkv_squat_quantize_row(bits, ks, U, d, out2);
         CHECK(memcmp(out, out2, out_bytes) == 0, "squat(k) != squat(policy(k))");

@@ -165,13 +165,28 @@ PKV_API int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float 
  *     for each column j of the block, in order:
  *       code_j = clamp(round((w_j - m) / d)) (same float rounding as the codec)
  *       err    = (w_j - (m + d * code_j)) / U[j][j]
- *       w_c   -= err * U[j][c]   for every later column c > j (any block)
+ *       w_c   -= err * U[j][c]   for every later column c > j (any block),
+ *                                 one fused multiply-add (fma) per element
  * With U = I no error is propagated and the result is byte-identical to
  * pkv_quantize_row. Non-finite k: NaN -> 0, +-Inf -> +-65504 (codec policy).
  * A column whose U[j][j] is not positive and finite propagates no error.
  * Bad arguments (bits not 2/3/4, d not a positive multiple of 64, NULL
  * pointers) write nothing. Cost about d^2 flops per vector. */
 PKV_API void pkv_squat_quantize_row(int bits, const float * k, const float * U, int d, void * out);
+/* The same with the scalar error feedback (pkv_squat_quantize_row uses AVX2 +
+ * FMA where the library was built for it; both round identically, so the
+ * bytes are equal: tests compare them). */
+PKV_API void pkv_squat_quantize_row_ref(int bits, const float * k, const float * U, int d, void * out);
+
+/* Compact storage of U for the KV cache's side state: the upper triangle, row
+ * by row (row j holds U[j][j..d-1]), in fp16: d(d+1)/2 values, a quarter of
+ * the dense float32 matrix. U's entries lie in [-1, 1] (A^-1 <= I), so fp16
+ * keeps them to ~1e-3 relative, plenty for error-feedback weights; the encoder
+ * runs on the unpacked (fp16-rounded) matrix. unpack writes zeros below the
+ * diagonal. NULL pointers or d < 1: nothing is written. */
+PKV_API size_t pkv_squat_packed_len(int d);
+PKV_API void   pkv_squat_pack(const float * U, int d, uint16_t * Up);
+PKV_API void   pkv_squat_unpack(const uint16_t * Up, int d, float * U);
 
 /* n_rows rows of n_heads*d values (contiguous); head h of every row is
  * encoded with U_per_head + h*d*d. out receives n_rows rows of
