@@ -60,9 +60,9 @@ def test_unknown_format_lists_valid_names():
 def test_registry_contents():
     expected = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q5_0": 5.5, "q5_1": 6.0, "q4_0": 4.5,
                 "q4_1": 5.0, "iq4_nl": 4.5, "kv4": 4.5, "kv3": 3.5, "kv2": 2.5,
-                "deco4": 4.5, "deco3": 3.5, "deco2": 2.5}
+                "deco4": 4.5, "deco3": 3.5, "deco2": 2.5, "squat4": 4.5, "squat3": 3.5, "squat2": 2.5}
     assert {n: f.bits for n, f in formats.FORMATS.items()} == expected
-    for name in ("kv4", "kv3", "kv2", "deco4", "deco3", "deco2"):
+    for name in ("kv4", "kv3", "kv2", "deco4", "deco3", "deco2", "squat4", "squat3", "squat2"):
         f = formats.FORMATS[name]
         assert f.is_ours and f.block == 64 and f.cuda == formats.OURS_CUDA
         assert f.bits == int(name[-1]) + 32 / 64  # b bits + fp16 scale + fp16 min per 64 values
