@@ -68,10 +68,13 @@ def test_registry_contents():
         assert f.bits == int(name[-1]) + 32 / 64  # b bits + fp16 scale + fp16 min per 64 values
     assert not formats.FORMATS["q4_0"].is_ours and formats.FORMATS["q4_0"].block == 32
     assert formats.FORMATS["f16"].block == 1 and not formats.FORMATS["f16"].is_quantized
-    # side state (per layer, K or V): DecoQuant's three 16x16 float32 matrices, nothing else
+    # side state (per layer, K or V): DecoQuant's three 16x16 float32 matrices; SQuat's
+    # scales with the model's KV heads (model_info.side_state_bytes), nothing else
     assert {n: f.side_state_bytes for n, f in formats.FORMATS.items() if f.side_state_bytes} == \
         {"deco4": 3072, "deco3": 3072, "deco2": 3072}
-    assert all(f.shared_side_state == (f.side_state_bytes > 0) for f in formats.FORMATS.values())
+    assert {n for n, f in formats.FORMATS.items() if f.side_state_kind} == {"squat4", "squat3", "squat2"}
+    assert all(f.shared_side_state == (f.side_state_bytes > 0 or bool(f.side_state_kind))
+               for f in formats.FORMATS.values())
 
 
 def test_parse_pair():
