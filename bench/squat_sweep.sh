@@ -16,8 +16,8 @@ run() {  # name, formats, pyllm-kv eval options...
     "$PY" -m pyllm_kv eval --formats "$fmts" --ctx 512 --chunks "$CHUNKS" --no-progress \
         --json "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"
 }
-run plain        f16,q4_0,kv4,kv3,kv2,kv4/kv2,kv3/kv2
-run default      f16,squat4,squat3,squat2,squat4/kv2,squat3/kv2
+run plain        f16,q4_0,kv4,kv3,kv2,kv4/kv3,kv4/kv2,kv3/kv2
+run default      f16,squat4,squat3,squat2,squat4/kv3,squat4/kv2,squat3/kv2
 # sensitivity (3-bit keys, where the method matters most)
 for r in 4 8 32 64; do
     run "r$r"    f16,squat3 --squat-rank "$r"

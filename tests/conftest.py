@@ -80,3 +80,29 @@ def require_format(lib_dir):
     """``require_format(name)``: skip (or fail under PYLLM_KV_REQUIRE_OURS=1) if the
     native library lacks cache format ``name``."""
     return _require_format
+
+
+@pytest.fixture(scope="module")
+def load(request, lib_dir, model_path, require_format):
+    """``load(cache_k, cache_v=None, flash_attn=True, **load_kwargs) -> Model``, cached
+    for the test module (closed at its end). The context size is the module's
+    ``N_CTX``. One thread: the test machine is small and shared, and llama.cpp's
+    spinning thread pool slows down badly when it has to compete for cores."""
+    import pyllm_kv
+
+    n_ctx = getattr(request.module, "N_CTX", 512)
+    cache = {}
+
+    def get(cache_k, cache_v=None, flash_attn=True, **kwargs):
+        cache_v = cache_v or cache_k
+        key = (cache_k, cache_v, flash_attn, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            require_format(cache_k)
+            require_format(cache_v)
+            cache[key] = pyllm_kv.load(model_path, cache_k=cache_k, cache_v=cache_v, flash_attn=flash_attn,
+                                       n_ctx=n_ctx, n_threads=1, **kwargs)
+        return cache[key]
+
+    yield get
+    for m in cache.values():
+        m.close()

@@ -23,28 +23,6 @@ ALL_CACHES = ["f16", "q8_0", "q4_0", "kv4", "kv3", "kv2"]
 COHERENT = {"f16", "q8_0", "q4_0", "kv4"}
 
 
-@pytest.fixture(scope="module")
-def load(lib_dir, model_path, require_format):
-    """load(cache_k, cache_v=None, flash_attn=True) -> Model, cached for the module."""
-    cache = {}
-    # One thread: the test machine is small and shared, and llama.cpp's spinning
-    # thread pool slows down badly when it has to compete for cores.
-
-    def get(cache_k, cache_v=None, flash_attn=True):
-        cache_v = cache_v or cache_k
-        key = (cache_k, cache_v, flash_attn)
-        if key not in cache:
-            require_format(cache_k)
-            require_format(cache_v)
-            cache[key] = pyllm_kv.load(model_path, cache_k=cache_k, cache_v=cache_v,
-                                       flash_attn=flash_attn, n_ctx=N_CTX, n_threads=1)
-        return cache[key]
-
-    yield get
-    for m in cache.values():
-        m.close()
-
-
 # ---- native type table -------------------------------------------------------------
 
 

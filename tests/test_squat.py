@@ -29,25 +29,6 @@ TEXT = ("The old lighthouse keeper climbed the stairs every evening to light the
 
 
 @pytest.fixture(scope="module")
-def load(lib_dir, model_path, require_format):
-    cache = {}
-
-    def get(cache_k, cache_v=None, flash_attn=True, squat=None):
-        cache_v = cache_v or cache_k
-        key = (cache_k, cache_v, flash_attn, squat)
-        if key not in cache:
-            require_format(cache_k)
-            require_format(cache_v)
-            cache[key] = pyllm_kv.load(model_path, cache_k=cache_k, cache_v=cache_v, flash_attn=flash_attn,
-                                       n_ctx=N_CTX, n_threads=1, squat=squat)
-        return cache[key]
-
-    yield get
-    for m in cache.values():
-        m.close()
-
-
-@pytest.fixture(scope="module")
 def f16_logits(load):
     m = load("f16")
     return all_logits(m, m.tokenize(TEXT))

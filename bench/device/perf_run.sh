@@ -1,19 +1,28 @@
 #!/bin/bash
 # Decode-speed run for the CUDA kernels of our types, all in ONE device call
-# (carry [".carry"], timeout_s 600; bench/device/prepare_carry.sh fills .carry):
-#   1. CUDA build of llama-bench + test-backend-ops under /tmp (sm_90);
-#   2. test-backend-ops on CUDA0 vs CPU: FLASH_ATTN_EXT and SET_ROWS for kv2/kv3/kv4;
+# (timeout_s 600; carry [".carry"], or the folder named by PERF_BCACHE_IN):
+#   1. CUDA build of llama-bench + test-backend-ops under /tmp (sm_90, -lineinfo);
+#      PERF_BCACHE_IN=DIR: first restore /tmp/b from DIR/bcache.part-* (a build
+#      archived by an earlier call with PERF_BCACHE_OUT=1, same cmake flags), so
+#      ninja recompiles only what changed since (our .cu files, what includes
+#      native/include); PERF_BCACHE_OUT=1: archive /tmp/b (no binaries) into
+#      $OUT/bcache.part-* (xz, 15 MB parts) right after the tests;
+#   2. test-backend-ops on CUDA0 vs CPU: FLASH_ATTN_EXT and SET_ROWS for kv2/kv3/kv4,
+#      then FLASH_ATTN_EXT at head size 128 again with PKV_CUDA_FA_TPC=1000 (the
+#      warp-tiled kernel with one chunk: direct write, several tiles per warp) and
+#      PKV_CUDA_FA_TPC=5 (uneven chunks);
 #   3. Llama-8B-shaped random Q4_0 model (bench/make_shape_model.py);
-#   4. llama-bench decode (-p 0 -n 64 -r 2, -fa 1, -ngl 99) at depth 0/8192/32768 for
-#      f16, q4_0, kv4, kv2 (K and V the same type), then kv4 with the previous scalar
-#      kernel (PKV_CUDA_FA_LEGACY=1) and kv4 without upstream's Hadamard rotation
-#      (LLAMA_ATTN_ROT_DISABLE=1: 4 extra FWHT kernels per layer for quantized caches);
-#   5. ncu (clocks left alone) on our decode + combine kernels at depth 32768 (with
-#      -lineinfo builds: instruction mix and source counters); optional (PERF_NCU_F16=1)
-#      upstream's f16 vec kernel likewise, and (PERF_DUR=1) per-kernel GPU time of one
-#      decode token at depth 0. PERF_DEPTHS (default 0,8192,32768) sets the bench depths.
-# Stages are skipped once the call's time would run out (elapsed $SECONDS vs LIMIT).
-# First run (5bfdd88, 2026-11-23, H100 SXM): build 359 s, tests to 377 s, all done at 517 s.
+#   4. llama-bench decode (-p 0 -n 64 -r 2, -fa 1, -ngl 99, K and V the same type):
+#      PERF_PLAN = ';'-separated "label|ENV=VAL ...|type|depths" entries (default:
+#      f16, q4_0, kv4, kv3, kv2 at 0/8192/32768, and kv4 with PKV_CUDA_FA_V3=0, the
+#      previous kernels, for A/B); PERF_DEPTHS replaces the depths of the default plan;
+#   5. ncu (clocks left alone) on our decode + combine kernels at depth PERF_NCU_DEPTH
+#      (default 32768; the warmup token at depth 0 makes 32 launches of each first)
+#      and the SASS of the warp-tiled kv4/kv4 kernel; optional (PERF_NCU_F16=1)
+#      upstream's f16 vec kernel likewise, and (PERF_DUR=1) per-kernel GPU time of
+#      one decode token at depth 0.
+# Stages are skipped once the call's time would run out (elapsed $SECONDS vs PERF_LIMIT).
+# First run (5bfdd88, 2026-11-23, H100 SXM): full build 352 s, tests to 377 s, all done at 517 s.
 # Everything lands in at most 8 files under $OUT; the last lines printed are the table.
 set -x
 LIMIT=${PERF_LIMIT:-575}
@@ -23,78 +32,96 @@ SRC=/tmp/src/llama_cpp_python-0.3.36
 M=/tmp/shape8b.gguf
 R=/tmp/perf; mkdir -p $R
 LOG=$OUT/log.txt
+TGZ=$(ls .carry*/llama_cpp_python-0.3.36-trim.tgz ${PERF_BCACHE_IN:-.carry}/llama_cpp_python-0.3.36-trim.tgz 2>/dev/null | head -1)
 
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; nproc; } > $LOG 2>&1
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-echo "ncu: $NCU" >> $LOG
+CUOBJDUMP=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null | head -1)
+echo "ncu: $NCU tgz: $TGZ" >> $LOG
 
-if [ ! -x $B/llama-bench ] || [ ! -x $B/test-backend-ops ] || [ "${PERF_REBUILD:-1}" = 1 ]; then
-  [ -d $SRC ] || { mkdir -p /tmp/src && tar xzf .carry/llama_cpp_python-0.3.36-trim.tgz -C /tmp/src; }
-  cmake -S . -B /tmp/b -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DPYLLM_KV_UPSTREAM_TESTS=ON -DPYLLM_KV_LLAMA_SRC=$SRC -DCMAKE_CUDA_FLAGS=-lineinfo > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
-  ( time ninja -C /tmp/b -j16 llama-bench test-backend-ops ) >> $OUT/build.log 2>&1 || { grep -n -A5 "error" $OUT/build.log | head -60; exit 1; }
+[ -d $SRC ] || { mkdir -p /tmp/src && tar xzf "$TGZ" -C /tmp/src; }
+if [ -n "$PERF_BCACHE_IN" ] && ls "$PERF_BCACHE_IN"/bcache.part-* > /dev/null 2>&1 && [ ! -d /tmp/b ]; then
+  cat "$PERF_BCACHE_IN"/bcache.part-* | xz -dc -T16 | tar xf - -C /tmp && echo "build cache restored at ${SECONDS}s" >> $LOG
 fi
-tail -4 $OUT/build.log
-echo "built at ${SECONDS}s"
+if [ ! -x $B/llama-bench ] || [ ! -x $B/test-backend-ops ] || [ "${PERF_REBUILD:-1}" = 1 ]; then
+  cmake -S . -B /tmp/b -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DPYLLM_KV_UPSTREAM_TESTS=ON -DPYLLM_KV_LLAMA_SRC=$SRC -DCMAKE_CUDA_FLAGS=-lineinfo > $R/cfg.log 2>&1 || { tail -30 $R/cfg.log; exit 1; }
+  ( time ninja -C /tmp/b -j16 llama-bench test-backend-ops ) > $R/build.log 2>&1 || { grep -n -A5 "error" $R/build.log | head -60; exit 1; }
+fi
+{ grep -c "Building" $R/build.log; tail -4 $R/build.log; echo "built at ${SECONDS}s"; } | tee -a $LOG
 
 # ---- correctness of our kernels against the CPU
-: > $OUT/tbo.txt
-for op in FLASH_ATTN_EXT SET_ROWS; do
-  fits 150 || break
-  timeout 120 $B/test-backend-ops -b CUDA0 -o $op -p 'kv[234]' > $R/tbo_$op.log 2>&1; rc=$?
-  { echo "== $op rc=$rc"; grep -c " OK" $R/tbo_$op.log; grep -E "FAIL|passed|not supported" $R/tbo_$op.log | sort | uniq -c | sort -rn | head -12; } >> $OUT/tbo.txt
-  grep -B2 -A3 "FAIL" $R/tbo_$op.log | head -40 >> $OUT/tbo.txt
-done
-cat $OUT/tbo.txt
-echo "tests done at ${SECONDS}s"
+tbo() {  # label, env, op, filter
+  fits 100 || return
+  env $2 timeout 120 $B/test-backend-ops -b CUDA0 -o $3 -p "$4" > $R/tbo_$1.log 2>&1; local rc=$?
+  { echo "== $1 ($2 $3 $4) rc=$rc: $(grep -c 'OK' $R/tbo_$1.log) OK, $(grep -c 'FAIL' $R/tbo_$1.log) FAIL"
+    grep -E "tests passed|backends passed" $R/tbo_$1.log
+    grep -B1 -A2 "FAIL" $R/tbo_$1.log | head -24; } >> $LOG
+}
+tbo fa "" FLASH_ATTN_EXT 'kv[234]'
+tbo setrows "" SET_ROWS 'kv[234]'
+tbo fa_direct "PKV_CUDA_FA_TPC=1000" FLASH_ATTN_EXT 'hsk=128.*kv[234]'
+tbo fa_tpc5 "PKV_CUDA_FA_TPC=5" FLASH_ATTN_EXT 'hsk=128.*kv[234]'
+echo "tests done at ${SECONDS}s" >> $LOG
+
+# ---- SASS of the warp-tiled kernel (kv4/kv4) and every instance's resources
+O=$(find /tmp/b -name 'pkv_fattn_k4.cu.o' | head -1)
+if [ -n "$CUOBJDUMP" ] && [ -n "$O" ]; then
+  { $CUOBJDUMP -res-usage "$O" 2>&1 | grep -A1 "decode3"
+    $CUOBJDUMP -sass -fun '_ZN3pkv3fa315k_fattn_decode3ILi4ELi4EEEvNS_10fa_kparamsE' "$O"; } > $OUT/sass.txt 2>&1
+fi
+
+if [ "${PERF_BCACHE_OUT:-0}" = 1 ] && fits 120; then
+  ( cd /tmp && tar --format=posix -cf - --exclude='b/bin' --exclude='*.so' --exclude='*.so.*' b | xz -T16 -4 > $R/bcache.txz )
+  sz=$(stat -c %s $R/bcache.txz)
+  echo "build cache: $sz bytes at ${SECONDS}s" >> $LOG
+  [ "$sz" -lt 60000000 ] && split -b 15000000 -d -a 1 $R/bcache.txz $OUT/bcache.part-
+fi
 
 G=$SRC/vendor/llama.cpp/gguf-py
 [ -f $M ] || PYTHONPATH=$G python3 bench/make_shape_model.py --preset llama8b --out $M > $R/model.log 2>&1 || { tail $R/model.log; exit 1; }
 
-# ---- decode speed: label, extra env, types, depths
-bench() {
-  local label=$1 envs=$2 t=$3 d=$4
-  fits 50 || { echo "skip $label (time)"; return; }
-  env $envs timeout $((LIMIT - SECONDS - 5)) $B/llama-bench -m $M -ngl 99 -fa 1 -ctk $t -ctv $t -p 0 -n 64 -r 2 -d $d -o csv \
-    > $R/bench_$label.csv 2>> $R/bench_err.log
-  echo "bench $label rc=$? at ${SECONDS}s"
+# ---- decode speed
+bench() {  # label, envs, type, depths
+  fits 45 || { echo "skip $1 (time)" >> $LOG; return; }
+  env $2 timeout $((LIMIT - SECONDS - 5)) $B/llama-bench -m $M -ngl 99 -fa 1 -ctk $3 -ctv $3 -p 0 -n 64 -r 2 -d $4 -o csv \
+    > $R/bench_$1.csv 2>> $R/bench_err.log
+  echo "bench $1 rc=$? at ${SECONDS}s" >> $LOG
 }
-DEPTHS=${PERF_DEPTHS:-0,8192,32768}
-bench f16 "" f16 $DEPTHS
-bench kv4 "" kv4 $DEPTHS
-bench kv2 "" kv2 $DEPTHS
-bench q4_0 "" q4_0 $DEPTHS
+D=${PERF_DEPTHS:-0,8192,32768}
+PLAN=${PERF_PLAN:-"f16||f16|$D;kv4||kv4|$D;kv2||kv2|$D;kv3||kv3|$D;q4_0||q4_0|$D;kv4-v2|PKV_CUDA_FA_V3=0|kv4|32768"}
+NCUD=${PERF_NCU_DEPTH:-32768}
+IFS=';' read -ra ENTRIES <<< "$PLAN"
+for e in "${ENTRIES[@]}"; do
+  IFS='|' read -r lab envs typ deps <<< "$e"
+  bench "$lab" "$envs" "$typ" "$deps"
+done
 
-# ---- profiler: our decode + combine at depth 32768 (the warmup token at depth 0 makes
-# 32 launches of each first), upstream f16 vec kernel likewise
+# ---- profiler: our decode + combine at depth NCUD, upstream f16 vec kernel likewise
 NCUF="--clock-control none --set basic --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats"
-NCUK="$NCUF --section InstructionStats --section SourceCounters"
-if [ -n "$NCU" ] && fits 60; then
-  timeout $((LIMIT - SECONDS - 5)) $NCU $NCUK -k regex:'k_fattn_decode|k_fattn_combine' -s 80 -c 3 \
-    $B/llama-bench -m $M -ngl 99 -fa 1 -ctk kv4 -ctv kv4 -p 0 -n 4 -r 1 -d 32768 > $OUT/ncu_kv4.txt 2>&1
-  echo "ncu kv4 rc=$? at ${SECONDS}s"
+NCUK="$NCUF --section InstructionStats --section SourceCounters --section LaunchStats --section Occupancy"
+if [ -n "$NCU" ] && [ "${PERF_NCU:-1}" = 1 ] && fits 50; then
+  timeout $((LIMIT - SECONDS - 5)) $NCU $NCUK -k regex:'k_fattn_decode|k_fattn_combine' -s 80 -c 2 \
+    $B/llama-bench -m $M -ngl 99 -fa 1 -ctk ${PERF_NCU_TYPE:-kv4} -ctv ${PERF_NCU_TYPE:-kv4} -p 0 -n 4 -r 1 -d $NCUD > $OUT/ncu.txt 2>&1
+  echo "ncu rc=$? at ${SECONDS}s" >> $LOG
 fi
-bench kv4-legacy "PKV_CUDA_FA_LEGACY=1" kv4 8192,32768
-# upstream's Hadamard rotation of K/V/Q/output (attn_rot_k/v, kept for kv*, on for q4_0):
-# what it costs per token, with our kernels as they are
-bench kv4-norot "LLAMA_ATTN_ROT_DISABLE=1" kv4 0,8192
-if [ -n "$NCU" ] && [ "${PERF_NCU_F16:-0}" = 1 ] && fits 60; then
-  timeout $((LIMIT - SECONDS - 5)) $NCU $NCUF -k regex:'flash_attn_ext_vec' -s 40 -c 2 \
-    $B/llama-bench -m $M -ngl 99 -fa 1 -ctk f16 -ctv f16 -p 0 -n 4 -r 1 -d 32768 > $OUT/ncu_f16.txt 2>&1
-  echo "ncu f16 rc=$? at ${SECONDS}s"
+if [ -n "$NCU" ] && [ "${PERF_NCU_F16:-0}" = 1 ] && fits 50; then
+  timeout $((LIMIT - SECONDS - 5)) $NCU $NCUF -k regex:'flash_attn_ext_vec|flash_attn_combine' -s 40 -c 2 \
+    $B/llama-bench -m $M -ngl 99 -fa 1 -ctk f16 -ctv f16 -p 0 -n 4 -r 1 -d $NCUD >> $OUT/ncu.txt 2>&1
+  echo "ncu f16 rc=$? at ${SECONDS}s" >> $LOG
 fi
-# per-kernel GPU time of decode at depth 0 (warmup token + 1 token, graphs or not)
+# per-kernel GPU time of decode at depth 0 (warmup token + 1 token)
 : > $R/dur.csv
 for t in kv4 f16; do
   if [ -n "$NCU" ] && [ "${PERF_DUR:-0}" = 1 ] && fits 40; then
     echo "== $t" >> $R/dur.csv
     timeout $((LIMIT - SECONDS - 5)) $NCU --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
       $B/llama-bench -m $M -ngl 99 -fa 1 -ctk $t -ctv $t -p 0 -n 1 -r 1 -d 0 >> $R/dur.csv 2>/dev/null
-    echo "ncu dur $t rc=$? at ${SECONDS}s"
+    echo "ncu dur $t rc=$? at ${SECONDS}s" >> $LOG
   fi
 done
 
-python3 - "$R" > $OUT/summary.txt 2>&1 <<'EOF'
+python3 - "$R" > $R/summary.txt 2>&1 <<'EOF'
 import csv, glob, io, os, sys, collections
 R = sys.argv[1]
 rows = {}
@@ -107,19 +134,19 @@ for f in sorted(glob.glob(os.path.join(R, "bench_*.csv"))):
             pass
 labels = sorted({l for l, _ in rows}, key=lambda l: (l.split("-")[0] != "f16", l))
 depths = sorted({d for _, d in rows})
-print("decode tok/s (llama-bench -p 0 -n 64 -r 2 -fa 1 -ngl 99, K=V type), ratio to f16 at the same depth")
-print("%-16s" % "type" + "".join("%24s" % ("d=%d" % d) for d in depths))
+print("decode tok/s (llama-bench -p 0 -n 64 -r 2 -fa 1 -ngl 99, K=V type), ratio to f16 / to q4_0 at the same depth")
+print("%-12s" % "type" + "".join("%30s" % ("d=%d" % d) for d in depths))
 for l in labels:
-    line = "%-16s" % l
+    line = "%-12s" % l
     for d in depths:
         if (l, d) in rows:
             ts, sd = rows[(l, d)]
-            ref = rows.get(("f16", d))
-            line += "%24s" % ("%.1f±%.1f (%.2fx)" % (ts, sd, ts / ref[0] if ref else float("nan")))
+            ref, q4 = rows.get(("f16", d)), rows.get(("q4_0", d))
+            line += "%30s" % ("%.1f±%.1f (%.2fx, %.2fx)" % (ts, sd, ts / ref[0] if ref else float("nan"),
+                                                         ts / q4[0] if q4 else float("nan")))
         else:
-            line += "%24s" % "-"
+            line += "%30s" % "-"
     print(line)
-# per-kernel GPU time at depth 0
 try:
     txt = open(os.path.join(R, "dur.csv")).read()
 except OSError:
@@ -141,7 +168,8 @@ for part in txt.split("== ")[1:]:
     for k, (c, s) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:25]:
         print("%8d x %-70s %10.0f ns  (%.0f ns each)" % (c, k, s, s / c))
 EOF
-cat $R/bench_err.log 2>/dev/null | grep -i "error\|abort" | head -5 >> $OUT/summary.txt
-cp $R/tbo_FLASH_ATTN_EXT.log $OUT/tbo_fa_full.log 2>/dev/null
-echo "done at ${SECONDS}s"
-cat $OUT/summary.txt
+grep -i "error\|abort" $R/bench_err.log 2>/dev/null | head -5 >> $R/summary.txt
+cat $R/summary.txt >> $LOG
+cp $R/tbo_fa.log $OUT/tbo_fa_full.log 2>/dev/null
+echo "done at ${SECONDS}s" >> $LOG
+cat $LOG

@@ -1,6 +1,13 @@
-/* Host API of the flash-attention decode kernel (pkv_cuda.h) and the kernel
- * that combines the per-chunk partial results. */
-#include "pkv_fattn_mma.cuh"
+/* Host API of the flash-attention decode kernels (pkv_cuda.h) and the kernel
+ * that combines the per-chunk partial results. Kernel choice: the warp-tiled
+ * kernel (pkv_fattn_v3.cuh) for K and V both of ours at head size 128, else the
+ * tensor-core V kernel (pkv_fattn_mma.cuh) for V of kv4/kv2, else the scalar one
+ * (pkv_fattn.cuh). Environment, for A/B timing and tests:
+ *   PKV_CUDA_FA_LEGACY=1  always the scalar kernel;
+ *   PKV_CUDA_FA_V3=0      not the warp-tiled kernel (the previous choice);
+ *   PKV_CUDA_FA_TPC=n     warp-tiled kernel: n 32-token tiles per chunk (a plan
+ *                         with one chunk writes dst directly, no combine). */
+#include "pkv_fattn_v3.cuh"
 
 #include <stdlib.h>
 
@@ -109,7 +116,33 @@ int sm_count() {
 
 struct plan {
     int R, n_rowgroups, rows, gqa, chunk_len, n_chunks;
+    bool v3;
 };
+
+int env_int(const char * name, const int def) {
+    const char * e = getenv(name);
+    return e != nullptr && *e != '\0' ? atoi(e) : def;
+}
+
+/* the warp-tiled kernel: K and V of ours, D = 128, every head slice 8-byte aligned */
+bool v3_applies(const pkv_cuda_fattn_params * p) {
+    static const int on = env_int("PKV_CUDA_FA_V3", 1);
+    if (use_legacy() || on == 0 || p->D != 128) return false;
+    const auto ours = [](int t) { return t == 4 || t == 3 || t == 2; };
+    if (!ours(p->k_type) || !ours(p->v_type)) return false;
+    if (((uintptr_t) p->k | p->nbk1 | p->nbk2 | p->nbk3) % 8 != 0) return false;
+    if (((uintptr_t) p->v | p->nbv1 | p->nbv2 | p->nbv3) % 8 != 0) return false;
+    return p->nbk1 < (size_t) 1 << 26 && p->nbv1 < (size_t) 1 << 26;   /* 32-bit copy offsets within a tile */
+}
+
+int fattn3_occupancy(const int k_type, const int v_type) {
+    switch (k_type) {
+        case 4: return fattn3_occupancy_k4(v_type);
+        case 3: return fattn3_occupancy_k3(v_type);
+        case 2: return fattn3_occupancy_k2(v_type);
+        default: return 1;
+    }
+}
 
 bool make_plan(const pkv_cuda_fattn_params * p, plan & pl) {
     if (!pkv_cuda_fattn_decode_supported(p->k_type, p->v_type, p->D)) return false;
@@ -117,6 +150,27 @@ bool make_plan(const pkv_cuda_fattn_params * p, plan & pl) {
     if (p->n_kv > INT32_MAX / 2) return false;
     pl.gqa  = p->n_head / p->n_head_kv;
     pl.rows = pl.gqa * p->n_q;
+    pl.v3   = v3_applies(p);
+    if (pl.v3) {
+        /* one wave of CTAs (occupancy x SMs), chunks of whole 32-token tiles; <= 2 chunks: one */
+        pl.R = fa3::R;
+        pl.n_rowgroups = (pl.rows + pl.R - 1) / pl.R;
+        const int64_t base  = (int64_t) p->n_head_kv * pl.n_rowgroups * p->n_seq;
+        const int64_t tiles = (p->n_kv + fa3::TT - 1) / fa3::TT;
+        const int64_t want  = (int64_t) fattn3_occupancy(p->k_type, p->v_type) * sm_count();
+        int64_t tpc = env_int("PKV_CUDA_FA_TPC", 0);
+        if (tpc <= 0) tpc = (tiles * base + want - 1) / want;
+        if (tpc < 1) tpc = 1;
+        if (tpc > tiles) tpc = tiles;
+        int64_t nc = (tiles + tpc - 1) / tpc;
+        if (nc <= 2 && env_int("PKV_CUDA_FA_TPC", 0) <= 0) {
+            nc = 1;
+            tpc = tiles;
+        }
+        pl.chunk_len = (int) (tpc * fa3::TT);
+        pl.n_chunks  = (int) nc;
+        return true;
+    }
     pl.R    = pl.rows <= 4 ? 4 : 8;
     pl.n_rowgroups = (pl.rows + pl.R - 1) / pl.R;
     const int base = p->n_head_kv * pl.n_rowgroups * p->n_seq;
@@ -173,8 +227,21 @@ extern "C" int pkv_cuda_fattn_decode(const pkv_cuda_fattn_params * p, void * wor
     kp.m0 = powf(2.0f, -(p->max_bias)        / kp.n_head_log2);
     kp.m1 = powf(2.0f, -(p->max_bias / 2.0f) / kp.n_head_log2);
 
+    kp.dst = p->dst; kp.sinks = p->sinks;
+    kp.direct = 0;
+    kp.same_col = (p->n_q == 1 || pl.gqa % 2 == 0) ? 1 : 0;
+
     int rc;
-    if (mma_applies(p)) {
+    if (pl.v3) {
+        kp.direct = pl.n_chunks == 1 ? 1 : 0;
+        switch (p->k_type) {
+            case 4:  rc = fattn3_launch_k4(kp, p->v_type, pl.n_rowgroups, p->n_seq, stream); break;
+            case 3:  rc = fattn3_launch_k3(kp, p->v_type, pl.n_rowgroups, p->n_seq, stream); break;
+            case 2:  rc = fattn3_launch_k2(kp, p->v_type, pl.n_rowgroups, p->n_seq, stream); break;
+            default: rc = -1;
+        }
+        if (rc != 0 || kp.direct) return rc;
+    } else if (mma_applies(p)) {
         switch (p->k_type) {
             case 4:  rc = fattn_mma_launch_k4 (kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;
             case 3:  rc = fattn_mma_launch_k3 (kp, p->v_type, p->D, pl.R, pl.n_rowgroups, p->n_seq, stream); break;

@@ -38,6 +38,10 @@ struct fa_kparams {
     int n_q, n_head, n_head_kv, gqa, rows;
     int n_kv, chunk_len, n_chunks;
     float scale, softcap, max_bias, m0, m1; int n_head_log2;
+    /* warp-tiled kernel (pkv_fattn_v3.cuh) only: with one chunk (direct) it
+     * writes dst itself, sinks applied; same_col: query rows 2i and 2i+1 of a
+     * row group always share a mask row */
+    float * dst; const float * sinks; int direct, same_col;
 };
 
 template <int T> __host__ __device__ constexpr int kv_words_per_block() { return T == 4 ? 9 : T == 3 ? 7 : 5; }

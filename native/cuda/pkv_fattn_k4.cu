@@ -1,6 +1,6 @@
-/* Instances of the flash-attention decode kernel with K type 4 (see pkv_fattn.cuh, pkv_fattn_mma.cuh);
- * one file per K type so the build compiles them in parallel. */
-#include "pkv_fattn_mma.cuh"
+/* Instances of the flash-attention decode kernels with K type 4 (see pkv_fattn.cuh, pkv_fattn_mma.cuh,
+ * pkv_fattn_v3.cuh); one file per K type so the build compiles them in parallel. */
+#include "pkv_fattn_v3.cuh"
 
 namespace pkv {
 int fattn_launch_k4(const fa_kparams & kp, int v_type, int D, int R, int n_rowgroups, int n_seq, cudaStream_t stream) {
@@ -8,5 +8,11 @@ int fattn_launch_k4(const fa_kparams & kp, int v_type, int D, int R, int n_rowgr
 }
 int fattn_mma_launch_k4(const fa_kparams & kp, int v_type, int D, int R, int n_rowgroups, int n_seq, cudaStream_t stream) {
     return fattn_mma_launch_v<4>(kp, v_type, D, R, n_rowgroups, n_seq, stream);
+}
+int fattn3_launch_k4(const fa_kparams & kp, int v_type, int n_rowgroups, int n_seq, cudaStream_t stream) {
+    return fa3::launch_v<4>(kp, v_type, n_rowgroups, n_seq, stream);
+}
+int fattn3_occupancy_k4(int v_type) {
+    return fa3::occupancy_v<4>(v_type);
 }
 } // namespace pkv
