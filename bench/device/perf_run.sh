@@ -37,15 +37,16 @@ TGZ=$(ls .carry*/llama_cpp_python-0.3.36-trim.tgz ${PERF_BCACHE_IN:-.carry}/llam
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; nproc; } > $LOG 2>&1
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 CUOBJDUMP=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null | head -1)
-echo "ncu: $NCU tgz: $TGZ" >> $LOG
+echo "ncu: $NCU tgz: $TGZ pwd: $(pwd)" >> $LOG
 
 [ -d $SRC ] || { mkdir -p /tmp/src && tar xzf "$TGZ" -C /tmp/src; }
 if [ -n "$PERF_BCACHE_IN" ] && ls "$PERF_BCACHE_IN"/bcache.part-* > /dev/null 2>&1 && [ ! -d /tmp/b ]; then
   cat "$PERF_BCACHE_IN"/bcache.part-* | xz -dc -T16 | tar xf - -C /tmp && echo "build cache restored at ${SECONDS}s" >> $LOG
 fi
 if [ ! -x $B/llama-bench ] || [ ! -x $B/test-backend-ops ] || [ "${PERF_REBUILD:-1}" = 1 ]; then
-  cmake -S . -B /tmp/b -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DPYLLM_KV_UPSTREAM_TESTS=ON -DPYLLM_KV_LLAMA_SRC=$SRC -DCMAKE_CUDA_FLAGS=-lineinfo > $R/cfg.log 2>&1 || { tail -30 $R/cfg.log; exit 1; }
+  cfg() { cmake -S . -B /tmp/b -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DPYLLM_KV_UPSTREAM_TESTS=ON -DPYLLM_KV_LLAMA_SRC=$SRC -DCMAKE_CUDA_FLAGS=-lineinfo > $R/cfg.log 2>&1; }
+  cfg || { echo "configure failed (restored cache?): clean build" >> $LOG; rm -rf /tmp/b; cfg; } || { tail -30 $R/cfg.log; exit 1; }
   ( time ninja -C /tmp/b -j16 llama-bench test-backend-ops ) > $R/build.log 2>&1 || { grep -n -A5 "error" $R/build.log | head -60; exit 1; }
 fi
 { grep -c "Building" $R/build.log; tail -4 $R/build.log; echo "built at ${SECONDS}s"; } | tee -a $LOG

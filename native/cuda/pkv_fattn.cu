@@ -158,12 +158,13 @@ bool make_plan(const pkv_cuda_fattn_params * p, plan & pl) {
         const int64_t base  = (int64_t) p->n_head_kv * pl.n_rowgroups * p->n_seq;
         const int64_t tiles = (p->n_kv + fa3::TT - 1) / fa3::TT;
         const int64_t want  = (int64_t) fattn3_occupancy(p->k_type, p->v_type) * sm_count();
-        int64_t tpc = env_int("PKV_CUDA_FA_TPC", 0);
+        static const int tpc_env = env_int("PKV_CUDA_FA_TPC", 0);
+        int64_t tpc = tpc_env;
         if (tpc <= 0) tpc = (tiles * base + want - 1) / want;
         if (tpc < 1) tpc = 1;
         if (tpc > tiles) tpc = tiles;
         int64_t nc = (tiles + tpc - 1) / tpc;
-        if (nc <= 2 && env_int("PKV_CUDA_FA_TPC", 0) <= 0) {
+        if (nc <= 2 && tpc_env <= 0) {
             nc = 1;
             tpc = tiles;
         }
