@@ -1,28 +1,26 @@
 #!/bin/bash
 # Decode-speed run for the CUDA kernels of our types, all in ONE device call
-# (timeout_s 600; carry [".carry"], or the folder named by PERF_BCACHE_IN):
+# (carry [".carry"], timeout_s 600; bench/device/prepare_carry.sh fills .carry):
 #   1. CUDA build of llama-bench + test-backend-ops under /tmp (sm_90, -lineinfo);
-#      PERF_BCACHE_IN=DIR: first restore /tmp/b from DIR/bcache.part-* (a build
-#      archived by an earlier call with PERF_BCACHE_OUT=1, same cmake flags), so
-#      ninja recompiles only what changed since (our .cu files, what includes
-#      native/include); PERF_BCACHE_OUT=1: archive /tmp/b (no binaries) into
-#      $OUT/bcache.part-* (xz, 15 MB parts) right after the tests;
 #   2. test-backend-ops on CUDA0 vs CPU: FLASH_ATTN_EXT and SET_ROWS for kv2/kv3/kv4,
 #      then FLASH_ATTN_EXT at head size 128 again with PKV_CUDA_FA_TPC=1000 (the
-#      warp-tiled kernel with one chunk: direct write, several tiles per warp) and
-#      PKV_CUDA_FA_TPC=5 (uneven chunks);
+#      warp-tiled kernel with one chunk: direct write, several tiles per warp),
+#      PKV_CUDA_FA_TPC=5 (uneven chunks) and PKV_CUDA_FA_NS=2 (2-stage variant);
 #   3. Llama-8B-shaped random Q4_0 model (bench/make_shape_model.py);
 #   4. llama-bench decode (-p 0 -n 64 -r 2, -fa 1, -ngl 99, K and V the same type):
 #      PERF_PLAN = ';'-separated "label|ENV=VAL ...|type|depths" entries (default:
-#      f16, q4_0, kv4, kv3, kv2 at 0/8192/32768, and kv4 with PKV_CUDA_FA_V3=0, the
-#      previous kernels, for A/B); PERF_DEPTHS replaces the depths of the default plan;
-#   5. ncu (clocks left alone) on our decode + combine kernels at depth PERF_NCU_DEPTH
-#      (default 32768; the warmup token at depth 0 makes 32 launches of each first)
-#      and the SASS of the warp-tiled kv4/kv4 kernel; optional (PERF_NCU_F16=1)
-#      upstream's f16 vec kernel likewise, and (PERF_DUR=1) per-kernel GPU time of
-#      one decode token at depth 0.
+#      f16, q4_0, kv4, kv3, kv2 at PERF_DEPTHS (0,8192,32768), and kv4 with
+#      PKV_CUDA_FA_V3=0, the previous kernels, at 32768 for A/B); PERF_PLAN2: more
+#      entries, run after the profiles of step 5;
+#   5. ncu (clocks left alone, stall details) on our decode + combine kernels at
+#      depth PERF_NCU_DEPTH (default 32768; the warmup token at depth 0 makes 32
+#      launches of the decode kernel first) and the SASS of the warp-tiled kv4/kv4
+#      kernel; optional (PERF_NCU_F16=1) upstream's f16 vec kernel likewise, and
+#      (PERF_DUR=1) per-kernel GPU time of one decode token at depth 0.
 # Stages are skipped once the call's time would run out (elapsed $SECONDS vs PERF_LIMIT).
-# First run (5bfdd88, 2026-11-23, H100 SXM): full build 352 s, tests to 377 s, all done at 517 s.
+# Runs (H100 SXM, 2026-11-23): 5bfdd88 full build 352 s, all done at 517 s; the
+# warp-tiled kernel's first run built in 249 s, tests to 285 s, 7 benches + ncu at 336 s.
+# (Archiving /tmp/b for the next call was tried: 86 MB of xz, over the 64 MiB a call returns.)
 # Everything lands in at most 8 files under $OUT; the last lines printed are the table.
 set -x
 LIMIT=${PERF_LIMIT:-575}
@@ -32,7 +30,7 @@ SRC=/tmp/src/llama_cpp_python-0.3.36
 M=/tmp/shape8b.gguf
 R=/tmp/perf; mkdir -p $R
 LOG=$OUT/log.txt
-TGZ=$(ls .carry*/llama_cpp_python-0.3.36-trim.tgz ${PERF_BCACHE_IN:-.carry}/llama_cpp_python-0.3.36-trim.tgz 2>/dev/null | head -1)
+TGZ=.carry/llama_cpp_python-0.3.36-trim.tgz
 
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; nproc; } > $LOG 2>&1
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
@@ -40,13 +38,10 @@ CUOBJDUMP=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null
 echo "ncu: $NCU tgz: $TGZ pwd: $(pwd)" >> $LOG
 
 [ -d $SRC ] || { mkdir -p /tmp/src && tar xzf "$TGZ" -C /tmp/src; }
-if [ -n "$PERF_BCACHE_IN" ] && ls "$PERF_BCACHE_IN"/bcache.part-* > /dev/null 2>&1 && [ ! -d /tmp/b ]; then
-  cat "$PERF_BCACHE_IN"/bcache.part-* | xz -dc -T16 | tar xf - -C /tmp && echo "build cache restored at ${SECONDS}s" >> $LOG
-fi
 if [ ! -x $B/llama-bench ] || [ ! -x $B/test-backend-ops ] || [ "${PERF_REBUILD:-1}" = 1 ]; then
   cfg() { cmake -S . -B /tmp/b -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DPYLLM_KV_UPSTREAM_TESTS=ON -DPYLLM_KV_LLAMA_SRC=$SRC -DCMAKE_CUDA_FLAGS=-lineinfo > $R/cfg.log 2>&1; }
-  cfg || { echo "configure failed (restored cache?): clean build" >> $LOG; rm -rf /tmp/b; cfg; } || { tail -30 $R/cfg.log; exit 1; }
+  cfg || { tail -30 $R/cfg.log; exit 1; }
   ( time ninja -C /tmp/b -j16 llama-bench test-backend-ops ) > $R/build.log 2>&1 || { grep -n -A5 "error" $R/build.log | head -60; exit 1; }
 fi
 { grep -c "Building" $R/build.log; tail -4 $R/build.log; echo "built at ${SECONDS}s"; } | tee -a $LOG
@@ -63,20 +58,14 @@ tbo fa "" FLASH_ATTN_EXT 'kv[234]'
 tbo setrows "" SET_ROWS 'kv[234]'
 tbo fa_direct "PKV_CUDA_FA_TPC=1000" FLASH_ATTN_EXT 'hsk=128.*kv[234]'
 tbo fa_tpc5 "PKV_CUDA_FA_TPC=5" FLASH_ATTN_EXT 'hsk=128.*kv[234]'
+tbo fa_ns2 "PKV_CUDA_FA_NS=2" FLASH_ATTN_EXT 'hsk=128.*kv[234]'
 echo "tests done at ${SECONDS}s" >> $LOG
 
 # ---- SASS of the warp-tiled kernel (kv4/kv4) and every instance's resources
 O=$(find /tmp/b -name 'pkv_fattn_k4.cu.o' | head -1)
 if [ -n "$CUOBJDUMP" ] && [ -n "$O" ]; then
   { $CUOBJDUMP -res-usage "$O" 2>&1 | grep -A1 "decode3"
-    $CUOBJDUMP -sass -fun '_ZN3pkv3fa315k_fattn_decode3ILi4ELi4EEEvNS_10fa_kparamsE' "$O"; } > $OUT/sass.txt 2>&1
-fi
-
-if [ "${PERF_BCACHE_OUT:-0}" = 1 ] && fits 120; then
-  ( cd /tmp && tar --format=posix -cf - --exclude='b/bin' --exclude='*.so' --exclude='*.so.*' b | xz -T16 -4 > $R/bcache.txz )
-  sz=$(stat -c %s $R/bcache.txz)
-  echo "build cache: $sz bytes at ${SECONDS}s" >> $LOG
-  [ "$sz" -lt 60000000 ] && split -b 15000000 -d -a 1 $R/bcache.txz $OUT/bcache.part-
+    $CUOBJDUMP -sass -fun '_ZN3pkv3fa315k_fattn_decode3ILi4ELi4ELi3EEEvNS_10fa_kparamsE' "$O"; } > $OUT/sass.txt 2>&1
 fi
 
 G=$SRC/vendor/llama.cpp/gguf-py
@@ -92,18 +81,25 @@ bench() {  # label, envs, type, depths
 D=${PERF_DEPTHS:-0,8192,32768}
 PLAN=${PERF_PLAN:-"f16||f16|$D;kv4||kv4|$D;kv2||kv2|$D;kv3||kv3|$D;q4_0||q4_0|$D;kv4-v2|PKV_CUDA_FA_V3=0|kv4|32768"}
 NCUD=${PERF_NCU_DEPTH:-32768}
-IFS=';' read -ra ENTRIES <<< "$PLAN"
-for e in "${ENTRIES[@]}"; do
-  IFS='|' read -r lab envs typ deps <<< "$e"
-  bench "$lab" "$envs" "$typ" "$deps"
-done
+run_plan() {
+  local e lab envs typ deps
+  IFS=';' read -ra ENTRIES <<< "$1"
+  for e in "${ENTRIES[@]}"; do
+    IFS='|' read -r lab envs typ deps <<< "$e"
+    bench "$lab" "$envs" "$typ" "$deps"
+  done
+}
+run_plan "$PLAN"
 
 # ---- profiler: our decode + combine at depth NCUD, upstream f16 vec kernel likewise
 NCUF="--clock-control none --set basic --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats"
 NCUK="$NCUF --section InstructionStats --section SourceCounters --section LaunchStats --section Occupancy"
 if [ -n "$NCU" ] && [ "${PERF_NCU:-1}" = 1 ] && fits 50; then
-  timeout $((LIMIT - SECONDS - 5)) $NCU $NCUK -k regex:'k_fattn_decode|k_fattn_combine' -s 80 -c 2 \
-    $B/llama-bench -m $M -ngl 99 -fa 1 -ctk ${PERF_NCU_TYPE:-kv4} -ctv ${PERF_NCU_TYPE:-kv4} -p 0 -n 4 -r 1 -d $NCUD > $OUT/ncu.txt 2>&1
+  # -s 64: the warmup token at depth 0 makes 32 direct-write launches (no combine), then
+  # decode + combine alternate at depth NCUD
+  ncu_run() { timeout $((LIMIT - SECONDS - 5)) $NCU $NCUK "$@" -k regex:'k_fattn_decode|k_fattn_combine' -s 64 -c 2 \
+    $B/llama-bench -m $M -ngl 99 -fa 1 -ctk ${PERF_NCU_TYPE:-kv4} -ctv ${PERF_NCU_TYPE:-kv4} -p 0 -n 4 -r 1 -d $NCUD > $OUT/ncu.txt 2>&1; }
+  ncu_run --print-details all || ncu_run
   echo "ncu rc=$? at ${SECONDS}s" >> $LOG
 fi
 if [ -n "$NCU" ] && [ "${PERF_NCU_F16:-0}" = 1 ] && fits 50; then
@@ -111,6 +107,8 @@ if [ -n "$NCU" ] && [ "${PERF_NCU_F16:-0}" = 1 ] && fits 50; then
     $B/llama-bench -m $M -ngl 99 -fa 1 -ctk f16 -ctv f16 -p 0 -n 4 -r 1 -d $NCUD >> $OUT/ncu.txt 2>&1
   echo "ncu f16 rc=$? at ${SECONDS}s" >> $LOG
 fi
+# PERF_PLAN2: more benches, after the profiles
+[ -n "$PERF_PLAN2" ] && run_plan "$PERF_PLAN2"
 # per-kernel GPU time of decode at depth 0 (warmup token + 1 token)
 : > $R/dur.csv
 for t in kv4 f16; do

@@ -6,7 +6,9 @@
  *   PKV_CUDA_FA_LEGACY=1  always the scalar kernel;
  *   PKV_CUDA_FA_V3=0      not the warp-tiled kernel (the previous choice);
  *   PKV_CUDA_FA_TPC=n     warp-tiled kernel: n 32-token tiles per chunk (a plan
- *                         with one chunk writes dst directly, no combine). */
+ *                         with one chunk writes dst directly, no combine);
+ *   PKV_CUDA_FA_NS=2|3    warp-tiled kernel: cp.async stages per warp (3: 3 CTAs
+ *                         per SM; 2: register bound for 4 CTAs per SM). */
 #include "pkv_fattn_v3.cuh"
 
 #include <stdlib.h>
@@ -18,8 +20,9 @@ namespace {
 /* dst[:, head, iq1, seq] = sum_c e^(M_c - M) acc_c / (sum_c e^(M_c - M) S_c + e^(sink - M)).
  * One CTA of CT threads per (row, KV head, seq): the chunk weights are computed
  * in parallel into shared memory, then CT / D threads per output value sum
- * interleaved chunk subsets (independent loads in flight) and are added up. */
-constexpr int CT = 256;
+ * interleaved chunk subsets (independent loads in flight) and are added up.
+ * (CT = 512: with ~45 chunks each thread has ~11 loads, all in flight at once.) */
+constexpr int CT = 512;
 
 static __device__ __forceinline__ float block_reduce(float x, float * sred, const bool is_max) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -68,7 +71,7 @@ __global__ void __launch_bounds__(CT) k_fattn_combine(const float * part, const 
     float o = 0.0f;
     if (sp < nsplit) {
         const float * pp = part + base * D + j;
-#pragma unroll 4
+#pragma unroll 8
         for (int c = sp; c < n_chunks; c += nsplit) o = fmaf(cw[c], pp[(size_t) c * D], o);
     }
     float * osum = cw + n_chunks;
@@ -135,11 +138,16 @@ bool v3_applies(const pkv_cuda_fattn_params * p) {
     return p->nbk1 < (size_t) 1 << 26 && p->nbv1 < (size_t) 1 << 26;   /* 32-bit copy offsets within a tile */
 }
 
+int fattn3_ns() {
+    static const int ns = env_int("PKV_CUDA_FA_NS", 3) == 2 ? 2 : 3;
+    return ns;
+}
+
 int fattn3_occupancy(const int k_type, const int v_type) {
     switch (k_type) {
-        case 4: return fattn3_occupancy_k4(v_type);
-        case 3: return fattn3_occupancy_k3(v_type);
-        case 2: return fattn3_occupancy_k2(v_type);
+        case 4: return fattn3_occupancy_k4(v_type, fattn3_ns());
+        case 3: return fattn3_occupancy_k3(v_type, fattn3_ns());
+        case 2: return fattn3_occupancy_k2(v_type, fattn3_ns());
         default: return 1;
     }
 }
@@ -152,16 +160,20 @@ bool make_plan(const pkv_cuda_fattn_params * p, plan & pl) {
     pl.rows = pl.gqa * p->n_q;
     pl.v3   = v3_applies(p);
     if (pl.v3) {
-        /* one wave of CTAs (occupancy x SMs), chunks of whole 32-token tiles; <= 2 chunks: one */
+        /* at most one wave of CTAs (occupancy x SMs); chunks of whole 32-token tiles, the
+         * same number per warp; a plan of <= 2 chunks becomes one (direct write, no combine) */
         pl.R = fa3::R;
         pl.n_rowgroups = (pl.rows + pl.R - 1) / pl.R;
         const int64_t base  = (int64_t) p->n_head_kv * pl.n_rowgroups * p->n_seq;
         const int64_t tiles = (p->n_kv + fa3::TT - 1) / fa3::TT;
-        const int64_t want  = (int64_t) fattn3_occupancy(p->k_type, p->v_type) * sm_count();
+        const int64_t slots = (int64_t) fattn3_occupancy(p->k_type, p->v_type) * sm_count();
         static const int tpc_env = env_int("PKV_CUDA_FA_TPC", 0);
         int64_t tpc = tpc_env;
-        if (tpc <= 0) tpc = (tiles * base + want - 1) / want;
-        if (tpc < 1) tpc = 1;
+        if (tpc <= 0) {
+            const int64_t max_nc = slots / base > 1 ? slots / base : 1;
+            const int64_t per_warp = (tiles + max_nc * fa3::NW - 1) / (max_nc * fa3::NW);
+            tpc = per_warp * fa3::NW;
+        }
         if (tpc > tiles) tpc = tiles;
         int64_t nc = (tiles + tpc - 1) / tpc;
         if (nc <= 2 && tpc_env <= 0) {
@@ -231,14 +243,15 @@ extern "C" int pkv_cuda_fattn_decode(const pkv_cuda_fattn_params * p, void * wor
     kp.dst = p->dst; kp.sinks = p->sinks;
     kp.direct = 0;
     kp.same_col = (p->n_q == 1 || pl.gqa % 2 == 0) ? 1 : 0;
+    kp.f16k = 0x64006400u;
 
     int rc;
     if (pl.v3) {
         kp.direct = pl.n_chunks == 1 ? 1 : 0;
         switch (p->k_type) {
-            case 4:  rc = fattn3_launch_k4(kp, p->v_type, pl.n_rowgroups, p->n_seq, stream); break;
-            case 3:  rc = fattn3_launch_k3(kp, p->v_type, pl.n_rowgroups, p->n_seq, stream); break;
-            case 2:  rc = fattn3_launch_k2(kp, p->v_type, pl.n_rowgroups, p->n_seq, stream); break;
+            case 4:  rc = fattn3_launch_k4(kp, p->v_type, fattn3_ns(), pl.n_rowgroups, p->n_seq, stream); break;
+            case 3:  rc = fattn3_launch_k3(kp, p->v_type, fattn3_ns(), pl.n_rowgroups, p->n_seq, stream); break;
+            case 2:  rc = fattn3_launch_k2(kp, p->v_type, fattn3_ns(), pl.n_rowgroups, p->n_seq, stream); break;
             default: rc = -1;
         }
         if (rc != 0 || kp.direct) return rc;

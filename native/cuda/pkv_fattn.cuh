@@ -42,6 +42,7 @@ struct fa_kparams {
      * writes dst itself, sinks applied; same_col: query rows 2i and 2i+1 of a
      * row group always share a mask row */
     float * dst; const float * sinks; int direct, same_col;
+    uint32_t f16k;   /* 0x64006400, passed at run time so the compiler keeps it in a register */
 };
 
 template <int T> __host__ __device__ constexpr int kv_words_per_block() { return T == 4 ? 9 : T == 3 ? 7 : 5; }

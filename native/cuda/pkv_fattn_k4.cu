@@ -9,10 +9,10 @@ int fattn_launch_k4(const fa_kparams & kp, int v_type, int D, int R, int n_rowgr
 int fattn_mma_launch_k4(const fa_kparams & kp, int v_type, int D, int R, int n_rowgroups, int n_seq, cudaStream_t stream) {
     return fattn_mma_launch_v<4>(kp, v_type, D, R, n_rowgroups, n_seq, stream);
 }
-int fattn3_launch_k4(const fa_kparams & kp, int v_type, int n_rowgroups, int n_seq, cudaStream_t stream) {
-    return fa3::launch_v<4>(kp, v_type, n_rowgroups, n_seq, stream);
+int fattn3_launch_k4(const fa_kparams & kp, int v_type, int ns, int n_rowgroups, int n_seq, cudaStream_t stream) {
+    return fa3::launch_v<4>(kp, v_type, ns, n_rowgroups, n_seq, stream);
 }
-int fattn3_occupancy_k4(int v_type) {
-    return fa3::occupancy_v<4>(v_type);
+int fattn3_occupancy_k4(int v_type, int ns) {
+    return fa3::occupancy_v<4>(v_type, ns);
 }
 } // namespace pkv

@@ -31,9 +31,9 @@
  * Not bandwidth-bound: 4 CTAs x 4 warps per SM (128 registers, 41.5 KB smem),
  * 0.42 issued warp-instructions per scheduler-cycle with 57% of cycles having no
  * eligible warp, ~5.1k warp-instructions per 128-token tile, 3 CTA barriers per
- * tile. Next: warp-independent tiles (per-warp running max, no CTA barrier per
- * tile), K.Q on int8 mma (m16n8k32) with Q fragments kept in registers, and
- * fewer registers for more resident warps.
+ * tile. The warp-tiled kernel of pkv_fattn_v3.cuh (int8 mma for K.Q, per-warp
+ * tiles) now takes K and V of ours at head size 128; this kernel still serves
+ * K = f16 and head size 64 with V of kv4/kv2.
  */
 #pragma once
 

@@ -11,11 +11,14 @@
  *
  *   - CTA = NW = 4 independent warps for one KV head, one chunk of the KV length
  *     and R = 8 query rows (the GQA heads of that KV head times the query
- *     columns). The chunk's 32-token tiles go round-robin to the warps; each
- *     warp runs its own NS = 3-stage cp.async ring (8-byte pieces, consecutive
- *     lanes on consecutive pieces of the same token rows, slices stored densely
- *     in shared memory), waits with cp.async.wait_group + __syncwarp, and keeps
- *     its own online-softmax state. The warps' (M, S, O) are merged once at the
+ *     columns). The chunk's 32-token tiles go round-robin to the warps (the
+ *     host plan gives every warp the same count and makes the grid at most one
+ *     wave); each warp runs its own NS-stage cp.async ring (NS = 3, or 2 with a
+ *     128-register bound for 4 CTAs per SM; 8-byte pieces, consecutive lanes on
+ *     consecutive pieces of the same token rows, slices stored densely in shared
+ *     memory), waits with cp.async.wait_group + __syncwarp, and keeps its own
+ *     online-softmax state; the mask values of the next tile are loaded while
+ *     the current one is computed. The warps' (M, S, O) are merged once at the
  *     end (one barrier), then written as the chunk's partial result for the
  *     combine kernel of pkv_fattn.cu, or straight into dst (with the sinks) when
  *     the plan has one chunk.
@@ -35,13 +38,22 @@
  *   - V on f16 tensor cores: O^T[dim, row] += Vcode^T[dim, tok] * (P d_v)^T,
  *     m16n8k16 f32-accumulate. A codes are f16 1024 + s*c built with one
  *     byte_perm per 2 tokens and one LOP3 each (s = 1, 4, 16 or 64: the field's
- *     position in the byte, divided out at the end). A ones-row mma per block
+ *     position in the byte, divided out at the end; the 0x64006400 comes in as a
+ *     kernel parameter, else ptxas splits (t & mask) | 0x64006400 into two LOP3s). A ones-row mma per block
  *     gives sum_t f16(P d_v), which removes the 1024 exactly; sum_t P m_v is
  *     accumulated per token pair with FMAs.
  *   Token order inside a 16-token step is free (k is summed over): m-row g of
  *   the K mma is token tau(g) = 4*(g/2) + g%2 and m-row g+8 is tau(g) + 2, so
  *   after movmatrix lane (g, c) holds P for tokens 4c..4c+3, which is what its
  *   V A-fragment reads; with dense slices these reads are bank-conflict free.
+ *
+ * Measured (H100 SXM, Llama-8B shape, kv4/kv4 at depth 32768, ncu, perf_run.sh,
+ * 2026-11-23): 28.2 us in ncu's timing (about the old kernel's 30.7), 7.0 M
+ * warp-instructions (~600 per tile in the loop, ~850 with the per-warp prologue and
+ * merge), 168 registers -> 12 warps per SM, 7.85 cycles between a warp's issues
+ * (long scoreboard 36%, fixed-latency waits 18%), 43% of DRAM peak: latency-bound.
+ * In llama-bench the marginal cost 32k -> 64k is 2.0 TB/s; see docs/speed.md for
+ * the table and what to do next.
  */
 #pragma once
 
@@ -53,7 +65,7 @@ namespace fa3 {
 constexpr int NW = 4;                       /* warps per CTA */
 constexpr int NT = 32 * NW;
 constexpr int TT = 32;                      /* tokens per warp tile */
-constexpr int NS = 3;                       /* cp.async stages per warp */
+/* cp.async stages per warp: 3 (3 CTAs per SM by registers) or 2 (launch bounds for 4 CTAs per SM) */
 constexpr int R  = 8;                       /* query rows per CTA (mma n) */
 constexpr int D  = 128;
 constexpr int NB = D / 64;                  /* blocks per head slice */
@@ -67,13 +79,13 @@ constexpr uint32_t FULL = 0xffffffffu;
 template <int T> __host__ __device__ constexpr int sw() { return NB * kv_words_per_block<T>(); }  /* words per token slice */
 template <int T> __host__ __device__ constexpr int np() { return sw<T>() / 2; }                  /* 8-byte pieces per slice */
 
-template <int KT, int VT>
+template <int KT, int VT, int NS>
 struct layout {
     static constexpr int SK = sw<KT>(), SV = sw<VT>();
     static constexpr int stage_words = TT * (SK + SV);
     static constexpr int warp_words  = NS * stage_words;
     static constexpr int pipe_words  = NW * warp_words;
-    static constexpr int merge_words = NW * R * (D + 2);
+    static constexpr int merge_words = NW * R * (D + 3) + 2 * R;
     static constexpr int big_words   = pipe_words > merge_words ? pipe_words : merge_words;
     static constexpr int q_words     = R * QS / 4;
     static constexpr int words = big_words + q_words + 2 * R * NB;
@@ -176,8 +188,8 @@ template <int I> __device__ __forceinline__ constexpr uint32_t sel2() {
  * B fragment (b0, b1) = f16 P d_v of those tokens */
 template <int VT>
 static __device__ __forceinline__ void v_block(float (&acc)[4][4], const uint32_t (&w)[4], const uint32_t (&wh)[4],
-                                               const uint32_t mlo, const uint32_t mhi, const uint32_t b0, const uint32_t b1) {
-    constexpr uint32_t K = 0x64006400u;
+                                               const uint32_t mlo, const uint32_t mhi, const uint32_t b0, const uint32_t b1,
+                                               const uint32_t K /* 0x64006400 in a register: (t & mask) | K is one LOP3 */) {
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         uint32_t sel;
@@ -202,9 +214,9 @@ static __device__ __forceinline__ void v_block(float (&acc)[4][4], const uint32_
     }
 }
 
-template <int KT, int VT>
-__global__ void __launch_bounds__(NT, 3) k_fattn_decode3(const fa_kparams p) {
-    using LY = layout<KT, VT>;
+template <int KT, int VT, int NS>
+__global__ void __launch_bounds__(NT, NS == 2 ? 4 : 3) k_fattn_decode3(const fa_kparams p) {
+    using LY = layout<KT, VT, NS>;
     constexpr int SK = LY::SK, SV = LY::SV, NPK = np<KT>(), NPV = np<VT>();
     constexpr int WBV = kv_words_per_block<VT>();
 
@@ -245,15 +257,15 @@ __global__ void __launch_bounds__(NT, 3) k_fattn_decode3(const fa_kparams p) {
     pdl_wait();        /* Q and the cache rows come from the kernels just before */
     pdl_trigger();
 
-    /* tile j of this warp (tokens t_begin + (warp + j NW) TT ...) into stage j % NS */
-    auto issue = [&](const int j) {
-        const int t0 = (warp + j * NW) * TT;
-        const int nv = t_end - t_begin - t0;
-        const uint32_t sk = wsm_s + (uint32_t) ((j % NS) * LY::stage_words * 4);
-        const uint32_t sv = sk + TT * SK * 4;
-        const char * kt = kbase + (size_t) j * kstep + (size_t) (warp * TT) * p.nbk1;
-        const char * vt = vbase + (size_t) j * vstep + (size_t) (warp * TT) * p.nbv1;
-        if (nv >= TT) {
+    /* tiles of this warp are issued in order: running source pointers, stage and valid-token count */
+    const char * kt = kbase + (size_t) (warp * TT) * p.nbk1;
+    const char * vt = vbase + (size_t) (warp * TT) * p.nbv1;
+    int nv_iss = t_end - t_begin - warp * TT;
+    uint32_t s_iss = wsm_s;
+    const uint32_t s_last = wsm_s + (uint32_t) ((NS - 1) * LY::stage_words * 4);
+    auto issue = [&]() {
+        const uint32_t sk = s_iss, sv = sk + TT * SK * 4;
+        if (nv_iss >= TT) {
 #pragma unroll
             for (int k = 0; k < NPK; k++) cp8(sk + 256 * k, kt + gk[k], 8);
 #pragma unroll
@@ -261,20 +273,24 @@ __global__ void __launch_bounds__(NT, 3) k_fattn_decode3(const fa_kparams p) {
         } else {
 #pragma unroll
             for (int k = 0; k < NPK; k++) {
-                const bool ok = (lane + 32 * k) / NPK < nv;
+                const bool ok = (lane + 32 * k) / NPK < nv_iss;
                 cp8(sk + 256 * k, ok ? kt + gk[k] : kt, ok ? 8 : 0);
             }
 #pragma unroll
             for (int k = 0; k < NPV; k++) {
-                const bool ok = (lane + 32 * k) / NPV < nv;
+                const bool ok = (lane + 32 * k) / NPV < nv_iss;
                 cp8(sv + 256 * k, ok ? vt + gv[k] : vt, ok ? 8 : 0);
             }
         }
+        kt += kstep;
+        vt += vstep;
+        nv_iss -= NW * TT;
+        s_iss = s_iss == s_last ? wsm_s : s_iss + (uint32_t) (LY::stage_words * 4);
     };
 
 #pragma unroll
     for (int s = 0; s < NS - 1; s++) {
-        if (s < my_n) issue(s);
+        if (s < my_n) issue();
         cp_async_commit();
     }
 
@@ -379,15 +395,31 @@ __global__ void __launch_bounds__(NT, 3) k_fattn_decode3(const fa_kparams p) {
     }
     constexpr uint32_t ONE2 = 0x3C003C00u;
 
+    const uint32_t f16k = p.f16k;
+    const uint32_t * sK = wsm;                       /* stage of the tile being computed */
+    int tb = t_begin + warp * TT;                    /* its first token */
+
+    /* mask values (row 2c's column) of my 4 score tokens of a tile, loaded one tile ahead */
+    const half * mrow0 = mrow[0];
+    auto load_mask = [&](const int t0, float (&mv)[4]) {
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const int tok = t0 + 16 * (q >> 1) + tau + 2 * (q & 1);
+            mv[q] = mrow0 != nullptr && tok < t_end ? __half2float(mrow0[tok]) : 0.0f;
+        }
+    };
+    float mcur[4];
+    load_mask(tb, mcur);
+
     for (int j = 0; j < my_n; j++) {
-        if (j + NS - 1 < my_n) issue(j + NS - 1);
+        if (j + NS - 1 < my_n) issue();
         cp_async_commit();
+        float mnxt[4];
+        load_mask(tb + NW * TT, mnxt);
         cp_async_wait<NS - 1>();
         __syncwarp();
 
-        const uint32_t * sK = wsm + (j % NS) * LY::stage_words;
         const uint32_t * sV = sK + TT * SK;
-        const int tb = t_begin + (warp + j * NW) * TT;
 
         /* ---- scores: s[mt][e], e = (tok A, row 2c), (A, 2c+1), (B, 2c), (B, 2c+1); A = 16 mt + tau, B = A + 2 */
         float s[2][4];
@@ -421,8 +453,9 @@ __global__ void __launch_bounds__(NT, 3) k_fattn_decode3(const fa_kparams p) {
                 for (int rr = 0; rr < 2; rr++) {
                     float x = s[mt][2 * h + rr];
                     if (p.softcap != 0.0f) x = softcap2 * tanhf(x);
-                    if (mrow[0] != nullptr && valid) {
-                        const float mv = rr == 1 && p.same_col ? __half2float(mrow[0][tok]) : __half2float(mrow[rr][tok]);
+                    if (mrow0 != nullptr) {
+                        float mv = mcur[2 * mt + h];
+                        if (rr == 1 && !p.same_col && valid) mv = __half2float(mrow[1][tok]);
                         x = fmaf(slope[rr], mv, x);
                     }
                     s[mt][2 * h + rr] = valid ? x : -INFINITY;
@@ -493,10 +526,14 @@ __global__ void __launch_bounds__(NT, 3) k_fattn_decode3(const fa_kparams p) {
                         wh[q] = 0u;
                     }
                 }
-                v_block<VT>(acc[b], w, wh, mlo, mhi, b0, b1);
+                v_block<VT>(acc[b], w, wh, mlo, mhi, b0, b1, f16k);
             }
         }
         __syncwarp();
+        sK = sK == wsm + (NS - 1) * LY::stage_words ? wsm : sK + LY::stage_words;
+        tb += NW * TT;
+#pragma unroll
+        for (int q = 0; q < 4; q++) mcur[q] = mnxt[q];
     }
     cp_async_wait<0>();
 
@@ -541,23 +578,33 @@ __global__ void __launch_bounds__(NT, 3) k_fattn_decode3(const fa_kparams p) {
         mS[warp * R + r0] = S[0]; mS[warp * R + r1] = S[1];
     }
     __syncthreads();
+    float * wts = mS + NW * R;                       /* [NW][R] weight of each warp's partial, then [R] max, [R] sum */
+    if (tid < R) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NW; w++) mx = fmaxf(mx, mM[w * R + tid]);
+        float st = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            const float mw = mM[w * R + tid];
+            const float wt = mw == -INFINITY ? 0.0f : exp2f(mw - mx);
+            wts[w * R + tid] = wt;
+            st = fmaf(wt, mS[w * R + tid], st);
+        }
+        wts[NW * R + tid]     = mx == -INFINITY ? -INFINITY : mx * LN2;   /* natural log units */
+        wts[NW * R + R + tid] = st;
+    }
+    __syncthreads();
 
     for (int e = tid; e < R * D; e += NT) {
         const int r = e / D, jd = e % D;
         const int row = row0 + r;
         if (row >= p.rows) continue;
-        float mx = -INFINITY;
+        float o = 0.0f;
 #pragma unroll
-        for (int w = 0; w < NW; w++) mx = fmaxf(mx, mM[w * R + r]);
-        float o = 0.0f, st = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NW; w++) {
-            const float mw = mM[w * R + r];
-            const float wt = mw == -INFINITY ? 0.0f : exp2f(mw - mx);
-            o  = fmaf(wt, mo[(w * R + r) * D + jd], o);
-            st = fmaf(wt, mS[w * R + r], st);
-        }
-        const float mn = mx == -INFINITY ? -INFINITY : mx * LN2;   /* natural log units */
+        for (int w = 0; w < NW; w++) o = fmaf(wts[w * R + r], mo[(w * R + r) * D + jd], o);
+        const float mn = wts[NW * R + r];
+        float st = wts[NW * R + R + r];
         if (p.direct) {
             const int head = kvh * p.gqa + row % p.gqa, iq1 = row / p.gqa;
             if (p.sinks) {
@@ -576,24 +623,24 @@ __global__ void __launch_bounds__(NT, 3) k_fattn_decode3(const fa_kparams p) {
     }
 }
 
-template <int KT, int VT>
+template <int KT, int VT, int NS>
 static bool set_smem_attr() {
     static bool done = false;   /* per instance; same value for every device */
     if (!done) {
-        if (cudaFuncSetAttribute(k_fattn_decode3<KT, VT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int) layout<KT, VT>::bytes) != cudaSuccess) return false;
+        if (cudaFuncSetAttribute(k_fattn_decode3<KT, VT, NS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int) layout<KT, VT, NS>::bytes) != cudaSuccess) return false;
         done = true;
     }
     return true;
 }
 
-template <int KT, int VT>
+template <int KT, int VT, int NS>
 int occupancy() {
     static int occ = 0;
     if (occ == 0) {
         int n = 0;
-        if (!set_smem_attr<KT, VT>() ||
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_fattn_decode3<KT, VT>, NT, layout<KT, VT>::bytes) != cudaSuccess) {
+        if (!set_smem_attr<KT, VT, NS>() ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_fattn_decode3<KT, VT, NS>, NT, layout<KT, VT, NS>::bytes) != cudaSuccess) {
             (void) cudaGetLastError();
             return 2;
         }
@@ -602,29 +649,36 @@ int occupancy() {
     return occ;
 }
 
-template <int KT, int VT>
+template <int KT, int VT, int NS>
 int launch(const fa_kparams & kp, const int n_rowgroups, const int n_seq, cudaStream_t stream) {
-    if (!set_smem_attr<KT, VT>()) return (int) cudaGetLastError();
+    if (!set_smem_attr<KT, VT, NS>()) return (int) cudaGetLastError();
     const dim3 grid((unsigned) (kp.n_head_kv * n_rowgroups), (unsigned) kp.n_chunks, (unsigned) n_seq);
-    return (int) pdl_launch(k_fattn_decode3<KT, VT>, grid, dim3(NT), layout<KT, VT>::bytes, stream, kp);
+    return (int) pdl_launch(k_fattn_decode3<KT, VT, NS>, grid, dim3(NT), layout<KT, VT, NS>::bytes, stream, kp);
 }
 
+/* ns: 3 or 2 stages (pkv_fattn.cu picks, PKV_CUDA_FA_NS) */
 template <int KT>
-int launch_v(const fa_kparams & kp, int v_type, int n_rowgroups, int n_seq, cudaStream_t stream) {
-    switch (v_type) {
-        case 4: return launch<KT, 4>(kp, n_rowgroups, n_seq, stream);
-        case 3: return launch<KT, 3>(kp, n_rowgroups, n_seq, stream);
-        case 2: return launch<KT, 2>(kp, n_rowgroups, n_seq, stream);
+int launch_v(const fa_kparams & kp, int v_type, int ns, int n_rowgroups, int n_seq, cudaStream_t stream) {
+    switch (v_type * 4 + (ns == 2 ? 2 : 3)) {
+        case 4 * 4 + 3: return launch<KT, 4, 3>(kp, n_rowgroups, n_seq, stream);
+        case 3 * 4 + 3: return launch<KT, 3, 3>(kp, n_rowgroups, n_seq, stream);
+        case 2 * 4 + 3: return launch<KT, 2, 3>(kp, n_rowgroups, n_seq, stream);
+        case 4 * 4 + 2: return launch<KT, 4, 2>(kp, n_rowgroups, n_seq, stream);
+        case 3 * 4 + 2: return launch<KT, 3, 2>(kp, n_rowgroups, n_seq, stream);
+        case 2 * 4 + 2: return launch<KT, 2, 2>(kp, n_rowgroups, n_seq, stream);
         default: return -1;
     }
 }
 
 template <int KT>
-int occupancy_v(int v_type) {
-    switch (v_type) {
-        case 4: return occupancy<KT, 4>();
-        case 3: return occupancy<KT, 3>();
-        case 2: return occupancy<KT, 2>();
+int occupancy_v(int v_type, int ns) {
+    switch (v_type * 4 + (ns == 2 ? 2 : 3)) {
+        case 4 * 4 + 3: return occupancy<KT, 4, 3>();
+        case 3 * 4 + 3: return occupancy<KT, 3, 3>();
+        case 2 * 4 + 3: return occupancy<KT, 2, 3>();
+        case 4 * 4 + 2: return occupancy<KT, 4, 2>();
+        case 3 * 4 + 2: return occupancy<KT, 3, 2>();
+        case 2 * 4 + 2: return occupancy<KT, 2, 2>();
         default: return 1;
     }
 }
@@ -632,11 +686,11 @@ int occupancy_v(int v_type) {
 } // namespace fa3
 
 /* defined in pkv_fattn_k{4,3,2}.cu */
-int fattn3_launch_k4(const fa_kparams & kp, int v_type, int n_rowgroups, int n_seq, cudaStream_t stream);
-int fattn3_launch_k3(const fa_kparams & kp, int v_type, int n_rowgroups, int n_seq, cudaStream_t stream);
-int fattn3_launch_k2(const fa_kparams & kp, int v_type, int n_rowgroups, int n_seq, cudaStream_t stream);
-int fattn3_occupancy_k4(int v_type);
-int fattn3_occupancy_k3(int v_type);
-int fattn3_occupancy_k2(int v_type);
+int fattn3_launch_k4(const fa_kparams & kp, int v_type, int ns, int n_rowgroups, int n_seq, cudaStream_t stream);
+int fattn3_launch_k3(const fa_kparams & kp, int v_type, int ns, int n_rowgroups, int n_seq, cudaStream_t stream);
+int fattn3_launch_k2(const fa_kparams & kp, int v_type, int ns, int n_rowgroups, int n_seq, cudaStream_t stream);
+int fattn3_occupancy_k4(int v_type, int ns);
+int fattn3_occupancy_k3(int v_type, int ns);
+int fattn3_occupancy_k2(int v_type, int ns);
 
 } // namespace pkv
