@@ -125,6 +125,9 @@ class Model:
         self.cache_v = cache_v
         self.flash_attn = flash_attn
         self.seed = seed
+        # SQuat K: the settings its context was created with (rank, lam, normalize,
+        # transform), else None. Session state files record them.
+        self.squat_settings: Optional[Dict[str, Any]] = None
 
     # ---- basics -----------------------------------------------------------------
 
@@ -402,9 +405,11 @@ def load(
         checks.kv_fits_in_memory(kv_bytes_per_token(info, fk, fv) * ctx, ctx, f"K={fk.name} V={fv.name}")
 
     llama_cpp = _libs.llama_cpp()
+    squat_settings = None
     if fk.side_state_kind == "squat":
         with squat_options.applied(squat):
             squat_options.check_environment()
+            squat_settings = squat_options.effective(squat)
     try:
         with squat_options.applied(squat):
             llama = llama_cpp.Llama(
@@ -435,4 +440,6 @@ def load(
     if llama.n_ctx() > len(llama.input_ids):
         llama.input_ids = llama.input_ids.copy()
         llama.input_ids.resize(llama.n_ctx(), refcheck=False)
-    return Model(llama, info, fk, fv, flash_attn, seed)
+    model = Model(llama, info, fk, fv, flash_attn, seed)
+    model.squat_settings = squat_settings
+    return model

@@ -107,6 +107,23 @@ def from_args(args) -> Optional[SquatOptions]:
     return SquatOptions(**vals) if any(v is not None for v in vals.values()) else None
 
 
+DEFAULTS = {"rank": 20, "lam": 100.0, "normalize": True, "transform": "hadamard"}
+
+
+def effective(opts: Optional[SquatOptions]) -> Dict[str, object]:
+    """The settings a context created now gets: ``opts``, else the environment,
+    else the defaults (what native/llama/side_state.cpp will read)."""
+    out = dict(DEFAULTS)
+    for var, value in ((v, os.environ.get(v)) for v in ENV.values()):
+        if value:
+            env_opts = _from_env(var, value)
+            out.update({k: v for k, v in vars(env_opts).items() if v is not None})
+    if opts is not None:
+        out.update({k: v for k, v in vars(opts).items() if v is not None})
+    out["lam"] = float(out["lam"])
+    return out
+
+
 def _from_env(var: str, value: str) -> SquatOptions:
     if var == ENV["rank"]:
         if not value.strip().isdigit():

@@ -196,6 +196,7 @@ def _header_for(model: "Model", n_tokens: int, state_bytes: int) -> Dict[str, An
         "ggml_k": _ggml_layout(model.cache_k.name),
         "ggml_v": _ggml_layout(model.cache_v.name),
         "flash_attn": bool(model.flash_attn),
+        "squat": getattr(model, "squat_settings", None),
         "n_ctx": model.n_ctx,
         "n_tokens": n_tokens,
         "state_bytes": state_bytes,
@@ -320,6 +321,14 @@ def _check_compatible(model: "Model", header: Dict[str, Any], path: Path) -> Non
             f"{path} was saved with flash_attn={header.get('flash_attn')}, this model has "
             f"flash_attn={model.flash_attn} (the V cache layout differs). Load it with "
             f"flash_attn={header.get('flash_attn')}."
+        )
+    have_sq, want_sq = getattr(model, "squat_settings", None), header.get("squat")
+    if have_sq != want_sq:
+        raise StateMismatch(
+            f"{path} was saved with SQuat settings {want_sq}, this model has {have_sq} (the "
+            "query-subspace side state differs). Load it with pyllm_kv.SquatOptions("
+            + ", ".join(f"{k}={want_sq[k]!r}" for k in ("rank", "lam", "normalize", "transform")
+                        if want_sq and k in want_sq) + ")."
         )
     cells = int(header["n_tokens"]) - 1
     if cells > model.n_ctx:

@@ -139,6 +139,26 @@ def test_state_with_other_settings_is_refused(load, model_path):
         other.close()
 
 
+def test_state_file_names_other_settings(load, model_path, tmp_path):
+    """pyllm_kv's state file records the SQuat settings: loading into a context made
+    with others is a StateMismatch that says how to load it, before llama.cpp runs."""
+    from pyllm_kv.errors import StateMismatch
+
+    m = load("squat3")
+    m.prefill(TEXT[:80])
+    path = tmp_path / "s.state"
+    m.save_state(path)
+    other = pyllm_kv.load(model_path, cache_k="squat3", cache_v="squat3", n_ctx=N_CTX, n_threads=1,
+                          squat=SquatOptions(lam=10.0))
+    try:
+        with pytest.raises(StateMismatch) as exc:
+            other.load_state(path)
+        assert "SquatOptions(rank=20, lam=100.0, normalize=True, transform='hadamard')" in str(exc.value)
+    finally:
+        other.close()
+    assert m.squat_settings == {"rank": 20, "lam": 100.0, "normalize": True, "transform": "hadamard"}
+
+
 def test_k_shift_keeps_squat_cache_usable(load):
     """Context shift re-ropes K (decode, RoPE, plain re-encode). The distribution
     after the shift must be as close to a fresh evaluation as kv4's."""
