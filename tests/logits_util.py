@@ -56,3 +56,29 @@ def greedy(ll, n=12):
         out.append(t)
         ll.eval([t])
     return out
+
+
+def kshift_kld(m, text, n_drop=16):
+    """Context shift on a loaded model: evaluate `text`, drop `n_drop` tokens after
+    BOS and shift the rest down (llama.cpp re-ropes K), then evaluate a probe.
+    Returns KL(fresh || shifted) of the probe's next-token distribution, where
+    `fresh` evaluates the kept tokens plus the probe from an empty cache."""
+    lc = _libs.llama_cpp()
+    llama = m.llama
+    tokens = m.tokenize(text)
+    llama.reset()
+    llama.eval(tokens)
+    mem = lc.llama_get_memory(llama.ctx)
+    lc.llama_memory_seq_rm(mem, 0, 1, 1 + n_drop)                      # keep BOS
+    lc.llama_memory_seq_add(mem, 0, 1 + n_drop, -1, -n_drop)
+    kept = [tokens[0]] + tokens[1 + n_drop:]
+    llama.n_tokens = len(kept)
+    llama.input_ids[: len(kept)] = kept
+    probe = m.tokenize(" and", add_bos=False)
+    llama.eval(probe)
+    shifted = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
+    llama.reset()
+    llama.eval(kept + probe)
+    fresh = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
+    assert np.all(np.isfinite(shifted))
+    return kld_top1(fresh[None], shifted[None])[0]

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 import pyllm_kv
-from pyllm_kv import _libs
 
-from logits_util import all_logits, greedy, kld_top1
+from logits_util import all_logits, greedy, kld_top1, kshift_kld
 
 N_CTX = 512
 DECO = ["deco4", "deco3", "deco2"]
@@ -104,27 +103,5 @@ def test_k_shift_keeps_deco_cache_usable(load, lib_dir):
     which for deco means S-decode, RoPE, S-encode). The next-token distribution
     after the shift must be as close to a fresh evaluation of the kept tokens as
     it is for the plain kv4 format (both requantize K)."""
-    lc = _libs.llama_cpp()
-    results = {}
-    for fmt in ("kv4", "deco4"):
-        m = load(fmt)
-        llama = m.llama
-        tokens = m.tokenize(TEXT)
-        n_drop = 16
-        llama.reset()
-        llama.eval(tokens)
-        mem = lc.llama_get_memory(llama.ctx)
-        lc.llama_memory_seq_rm(mem, 0, 1, 1 + n_drop)                      # keep BOS
-        lc.llama_memory_seq_add(mem, 0, 1 + n_drop, -1, -n_drop)
-        kept = [tokens[0]] + tokens[1 + n_drop:]
-        llama.n_tokens = len(kept)
-        llama.input_ids[: len(kept)] = kept
-        probe = m.tokenize(" and", add_bos=False)
-        llama.eval(probe)
-        shifted = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
-        llama.reset()
-        llama.eval(kept + probe)
-        fresh = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
-        assert np.all(np.isfinite(shifted))
-        results[fmt] = kld_top1(fresh[None], shifted[None])[0]
+    results = {fmt: kshift_kld(load(fmt), TEXT) for fmt in ("kv4", "deco4")}
     assert results["deco4"] < max(0.05, 3 * results["kv4"]), results

@@ -17,7 +17,7 @@ import pyllm_kv
 from pyllm_kv import SquatOptions, formats
 from pyllm_kv.errors import InvalidParameter
 
-from logits_util import all_logits, greedy, kld_top1
+from logits_util import all_logits, greedy, kld_top1, kshift_kld
 
 N_CTX = 512
 SQUAT = ["squat4", "squat3", "squat2"]
@@ -162,31 +162,7 @@ def test_state_file_names_other_settings(load, model_path, tmp_path):
 def test_k_shift_keeps_squat_cache_usable(load):
     """Context shift re-ropes K (decode, RoPE, plain re-encode). The distribution
     after the shift must be as close to a fresh evaluation as kv4's."""
-    from pyllm_kv import _libs
-
-    lc = _libs.llama_cpp()
-    results = {}
-    for fmt in ("kv4", "squat4"):
-        m = load(fmt)
-        llama = m.llama
-        tokens = m.tokenize(TEXT)
-        n_drop = 16
-        llama.reset()
-        llama.eval(tokens)
-        mem = lc.llama_get_memory(llama.ctx)
-        lc.llama_memory_seq_rm(mem, 0, 1, 1 + n_drop)
-        lc.llama_memory_seq_add(mem, 0, 1 + n_drop, -1, -n_drop)
-        kept = [tokens[0]] + tokens[1 + n_drop:]
-        llama.n_tokens = len(kept)
-        llama.input_ids[: len(kept)] = kept
-        probe = m.tokenize(" and", add_bos=False)
-        llama.eval(probe)
-        shifted = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
-        llama.reset()
-        llama.eval(kept + probe)
-        fresh = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
-        assert np.all(np.isfinite(shifted))
-        results[fmt] = kld_top1(fresh[None], shifted[None])[0]
+    results = {fmt: kshift_kld(load(fmt), TEXT) for fmt in ("kv4", "squat4")}
     assert results["squat4"] < max(0.05, 3 * results["kv4"]), results
 
 
