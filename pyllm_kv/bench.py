@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from . import _libs, formats
+from . import _libs, formats, report_io
+from .report_io import write_json
 from .errors import FormatNotAvailable, LibraryNotFound, PyllmKvError
 from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, read_model_info, side_state_bytes
 
@@ -557,14 +558,6 @@ def format_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: Dict[str, Any], path: PathLike) -> Path:
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    return p
-
-
 def plot(result: Dict[str, Any], path: PathLike) -> Path:
     """tok/s against depth, one line per format; decode and prefill panels; PNG at ``path``.
 
@@ -688,15 +681,7 @@ def run_cli(args: argparse.Namespace) -> int:
         shape_type=args.shape_type, shape_dir=args.shape_dir, llama_bench=args.llama_bench,
         timeout=args.timeout, progress=not args.no_progress,
     )
-    print(format_table(result))
-    sys.stdout.flush()
-    if args.json_out:
-        print(f"wrote {write_json(result, args.json_out)}", file=sys.stderr)
-    if args.plot_out:
-        try:
-            print(f"wrote {plot(result, args.plot_out)}", file=sys.stderr)
-        except ImportError as exc:  # matplotlib is a dependency, but bare checkouts may lack it
-            print(f"pyllm-kv bench: no plot ({exc}); the JSON has every number", file=sys.stderr)
+    report_io.emit(result, format_table(result), args.json_out, args.plot_out, plot, "pyllm-kv bench")
     for run in result["runs"]:
         if run["error"]:
             print(f"pyllm-kv bench: {run['format']}: {run['error']}", file=sys.stderr)

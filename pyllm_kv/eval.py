@@ -23,7 +23,6 @@ for every format.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -33,7 +32,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _libs, corpus, formats, squat_options
+from . import _libs, corpus, formats, report_io, squat_options
+from .report_io import write_json
 from .errors import FormatNotAvailable, PyllmKvError
 from .eval_metrics import Accumulator, Reference, compare
 from .squat_options import SquatOptions
@@ -400,22 +400,6 @@ def format_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: Dict[str, Any], path: PathLike) -> Path:
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(result, indent=2, allow_nan=False, default=_json_default) + "\n")
-    return p
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def plot(result: Dict[str, Any], path: PathLike) -> Path:
     """KLD (log scale) against bits per value, one point per format; PNG at ``path``.
 
@@ -521,14 +505,7 @@ def run_cli(args: argparse.Namespace) -> int:
         rerun_reference=args.rerun_reference, verbose=bool(getattr(args, "verbose", False)),
         squat=squat_options.from_args(args),
     )
-    print(format_table(result))
-    sys.stdout.flush()
-    if args.json_out:
-        p = write_json(result, args.json_out)
-        print(f"wrote {p}", file=sys.stderr)
-    if args.plot_out:
-        p = plot(result, args.plot_out)
-        print(f"wrote {p}", file=sys.stderr)
+    report_io.emit(result, format_table(result), args.json_out, args.plot_out, plot, "pyllm-kv eval")
     if result["interrupted"]:
         print(f"interrupted: results cover the {result['settings']['chunks']} chunk(s) finished "
               "for every format", file=sys.stderr)
