@@ -125,8 +125,8 @@ class Model:
         self.cache_v = cache_v
         self.flash_attn = flash_attn
         self.seed = seed
-        # SQuat K: the settings its context was created with (rank, lam, normalize,
-        # transform), else None. Session state files record them.
+        # SQuat K or V: the settings its context was created with (rank, lam,
+        # normalize, transform), else None. Session state files record them.
         self.squat_settings: Optional[Dict[str, Any]] = None
 
     # ---- basics -----------------------------------------------------------------
@@ -307,8 +307,8 @@ class Model:
         """
         n_ctx = self.n_ctx
         info, fk, fv = self.info, self.cache_k, self.cache_v
-        side = side_state_bytes(info, fk, fv)
-        per_token = kv_bytes_per_token(info, fk, fv, n_ctx=n_ctx)
+        side = side_state_bytes(info, fk, fv, (self.squat_settings or {}).get("transform", "hadamard"))
+        per_token = kv_bytes_per_token(info, fk, fv) + side / n_ctx
         f16_per_token = kv_bytes_per_token(info, "f16", "f16")
         return {
             "model": Path(info.path).name,
@@ -406,7 +406,7 @@ def load(
 
     llama_cpp = _libs.llama_cpp()
     squat_settings = None
-    if fk.side_state_kind == "squat":
+    if "squat" in (fk.side_state_kind, fv.side_state_kind):
         with squat_options.applied(squat):
             squat_options.check_environment()
             squat_settings = squat_options.effective(squat)

@@ -156,10 +156,16 @@ def _kv_values_per_token(info: ModelInfo) -> "tuple[int, int]":
     return kv_heads * info.head_dim_k, kv_heads * info.head_dim_v
 
 
-def side_state_bytes(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str | formats.Format") -> int:
-    """Per-sequence side state (transforms etc.) of the whole model: O(layers), not O(tokens)."""
+def side_state_bytes(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str | formats.Format",
+                     squat_transform: str = "hadamard") -> int:
+    """Per-sequence side state (transforms etc.) of the whole model: O(layers), not O(tokens).
+
+    ``squat_transform="deco"`` (SQuat on the DecoQuant transform) adds DecoQuant's
+    matrices for every squat K or V."""
     k, v = formats.resolve(fmt_k), formats.resolve(fmt_v)
     total = info.n_layer * (k.side_state_bytes + v.side_state_bytes)
+    if squat_transform == "deco":
+        total += info.n_layer * formats.DECO_SIDE_STATE_BYTES * sum(f.side_state_kind == "squat" for f in (k, v))
     if k.side_state_kind == "squat":  # K only: SQuat as V is the plain format
         kv_heads = sum(info.n_head_kv_per_layer) or info.n_head_kv * info.n_layer
         d = info.head_dim_k  # packed upper triangle of U, fp16 (pkv_squat_pack)

@@ -184,6 +184,20 @@ def test_bad_environment_is_named(lib_dir, model_path, require_format, monkeypat
     assert var in str(exc.value)
 
 
+def test_squat_on_deco_transform(load, f16_logits):
+    """Beyond the paper: SQuat keys on the DecoQuant transform (K and the squat V get
+    deco's per-layer S instead of the Hadamard rotation). Runs, tracks f16 about as
+    well as deco4 does (docs/quality.md), and its report counts deco's matrices too."""
+    m = load("squat4", squat=SquatOptions(transform="deco"))
+    kld = kld_top1(f16_logits, all_logits(m, m.tokenize(TEXT)))[0]
+    assert kld < 0.5, kld
+    info = m.info
+    d = info.head_dim_k
+    want = info.n_layer * info.n_head_kv * d * (d + 1) + 2 * info.n_layer * formats.DECO_SIDE_STATE_BYTES
+    assert m.kv_report()["side_state_bytes"] == want
+    assert m.squat_settings["transform"] == "deco"
+
+
 def test_side_state_is_reported(load):
     rep = load("squat4").kv_report()
     info = load("squat4").info

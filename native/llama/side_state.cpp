@@ -138,8 +138,11 @@ struct pkv_side_state {
 pkv_side_state * pkv_side_create(ggml_type type_k, ggml_type type_v, int n_layer,
                                  int64_t head_dim_k, int64_t head_dim_v) {
     const int  squat_k = squat_bits_of(type_k);
-    bool deco_k = PKV_GGML_IS_DECO(type_k);
-    const bool deco_v = PKV_GGML_IS_DECO(type_v);
+    // SQuat on the DecoQuant transform: every squat type, K or V, then gets the
+    // deco transform (for V that is deco storage), matching pkv_side_keep_hadamard
+    const bool on_deco = (squat_k || PKV_GGML_IS_SQUAT(type_v)) && env_squat_on_deco();
+    bool deco_k = PKV_GGML_IS_DECO(type_k) || (squat_k && on_deco);
+    const bool deco_v = PKV_GGML_IS_DECO(type_v) || (PKV_GGML_IS_SQUAT(type_v) && on_deco);
     if (!deco_k && !deco_v && !squat_k) {
         return nullptr;
     }
@@ -150,8 +153,7 @@ pkv_side_state * pkv_side_create(ggml_type type_k, ggml_type type_v, int n_layer
             s->squat_rank      = (int) env_num("PYLLM_KV_SQUAT_RANK", "20", 0, 512);
             s->squat_lambda    = (float) env_num("PYLLM_KV_SQUAT_LAMBDA", "100", 0, 1e12);
             s->squat_normalize = env_bool("PYLLM_KV_SQUAT_NORMALIZE", "1");
-            s->squat_on_deco   = env_squat_on_deco();
-            deco_k = deco_k || s->squat_on_deco;
+            s->squat_on_deco   = on_deco;
             if (head_dim_k <= 0 || head_dim_k % PKV_BLOCK != 0 || head_dim_k > PKV_LINALG_MAX_N) {
                 throw std::runtime_error("pyllm-kv: cache type " + std::string(ggml_type_name(type_k)) +
                     " needs a K head size that is a multiple of " + std::to_string(PKV_BLOCK) +
