@@ -96,15 +96,18 @@ int squat_bits_of(ggml_type t) {
     return PKV_GGML_IS_SQUAT(t) ? PKV_GGML_BITS(t) : 0;
 }
 
-// Every head of the slot back to U = I (plain encoding) and unfitted.
+// Every head of the slot back to U = I (plain encoding) and unfitted. Packed
+// row j starts with its diagonal entry (pkv_squat_pack's layout).
 void squat_set_identity(pkv_side_slot & sl) {
-    std::vector<float> eye((size_t) sl.d * sl.d, 0.0f);
-    for (int i = 0; i < sl.d; ++i) {
-        eye[(size_t) i * sl.d + i] = 1.0f;
-    }
+    const uint16_t one = pkv_fp32_to_fp16(1.0f);
     sl.U.assign((size_t) sl.n_head * sl.packed(), 0);
     for (int h = 0; h < sl.n_head; ++h) {
-        pkv_squat_pack(eye.data(), sl.d, sl.U.data() + (size_t) h * sl.packed());
+        uint16_t * u = sl.U.data() + (size_t) h * sl.packed();
+        size_t row = 0;
+        for (int j = 0; j < sl.d; ++j) {
+            u[row] = one;
+            row += (size_t) (sl.d - j);
+        }
     }
     sl.head_fitted.assign((size_t) sl.n_head, 0);
 }
@@ -377,8 +380,10 @@ void pkv_squat_store_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     if (ith >= n_tok) {
         return;
     }
-    // this thread's dense copy of every head's U (the encoder reads rows of it)
-    std::vector<float> U((size_t) sl->n_head * d * d);
+    // this thread's dense copy of every head's U (the encoder reads rows of it);
+    // thread_local so that decode does not allocate per layer and token
+    thread_local std::vector<float> U;
+    U.resize((size_t) sl->n_head * d * d);
     for (int h = 0; h < sl->n_head; ++h) {
         pkv_squat_unpack(sl->U.data() + (size_t) h * sl->packed(), d, U.data() + (size_t) h * d * d);
     }
