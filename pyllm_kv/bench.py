@@ -610,13 +610,7 @@ def plot(result: Dict[str, Any], path: PathLike) -> Path:
     bound = f"; dotted: bound at {s['bandwidth_gbs']:g} GB/s" if s.get("bandwidth_gbs") else ""
     fig.suptitle(f"{Path(s['model']).name} ({s.get('model_type') or s['model_name']}), {where}"
                  f"{', -ngl ' + str(s['ngl']) if s['ngl'] else ''}, FA on{bound}", fontsize=10)
-    fig.tight_layout()
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, format="png")
-    plt.close(fig)
-    return p
+    return report_io.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -457,13 +457,7 @@ def plot(result: Dict[str, Any], path: PathLike) -> Path:
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no finished chunks", transform=ax.transAxes, ha="center", va="center")
-    fig.tight_layout()
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, format="png")
-    plt.close(fig)
-    return p
+    return report_io.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -408,8 +408,7 @@ def load(
     squat_settings = None
     if "squat" in (fk.side_state_kind, fv.side_state_kind):
         with squat_options.applied(squat):
-            squat_options.check_environment()
-            squat_settings = squat_options.effective(squat)
+            squat_settings = squat_options.from_environment()
     try:
         with squat_options.applied(squat):
             llama = llama_cpp.Llama(

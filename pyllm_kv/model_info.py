@@ -150,9 +150,14 @@ def _read_model_info(path_str: str, size: int, mtime_ns: int) -> ModelInfo:
     )
 
 
+def _kv_heads(info: ModelInfo) -> int:
+    """KV heads summed over all layers."""
+    return sum(info.n_head_kv_per_layer) or info.n_head_kv * info.n_layer
+
+
 def _kv_values_per_token(info: ModelInfo) -> "tuple[int, int]":
     """Values stored per token over all layers: (K values, V values)."""
-    kv_heads = sum(info.n_head_kv_per_layer) or info.n_head_kv * info.n_layer
+    kv_heads = _kv_heads(info)
     return kv_heads * info.head_dim_k, kv_heads * info.head_dim_v
 
 
@@ -167,9 +172,8 @@ def side_state_bytes(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str
     if squat_transform == "deco":
         total += info.n_layer * formats.DECO_SIDE_STATE_BYTES * sum(f.side_state_kind == "squat" for f in (k, v))
     if k.side_state_kind == "squat":  # K only: SQuat as V is the plain format
-        kv_heads = sum(info.n_head_kv_per_layer) or info.n_head_kv * info.n_layer
         d = info.head_dim_k  # packed upper triangle of U, fp16 (pkv_squat_pack)
-        total += kv_heads * (d * (d + 1) // 2) * 2
+        total += _kv_heads(info) * (d * (d + 1) // 2) * 2
     return total
 
 

@@ -29,6 +29,19 @@ def write_json(result: Dict[str, Any], path: PathLike) -> Path:
     return p
 
 
+def save_figure(fig: Any, path: PathLike) -> Path:
+    """Write a matplotlib figure as PNG at ``path`` (parent folders created), close it."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig.tight_layout()
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, format="png")
+    plt.close(fig)
+    return p
+
+
 def emit(result: Dict[str, Any], table: str, json_out: Optional[PathLike], plot_out: Optional[PathLike],
          plot: Callable[[Dict[str, Any], PathLike], Path], prog: str) -> None:
     """Print the table, then write the JSON and the plot if asked."""

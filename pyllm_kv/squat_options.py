@@ -110,20 +110,6 @@ def from_args(args) -> Optional[SquatOptions]:
 DEFAULTS = {"rank": 20, "lam": 100.0, "normalize": True, "transform": "hadamard"}
 
 
-def effective(opts: Optional[SquatOptions]) -> Dict[str, object]:
-    """The settings a context created now gets: ``opts``, else the environment,
-    else the defaults (what native/llama/side_state.cpp will read)."""
-    out = dict(DEFAULTS)
-    for var, value in ((v, os.environ.get(v)) for v in ENV.values()):
-        if value:
-            env_opts = _from_env(var, value)
-            out.update({k: v for k, v in vars(env_opts).items() if v is not None})
-    if opts is not None:
-        out.update({k: v for k, v in vars(opts).items() if v is not None})
-    out["lam"] = float(out["lam"])
-    return out
-
-
 def _from_env(var: str, value: str) -> SquatOptions:
     if var == ENV["rank"]:
         if not value.strip().isdigit():
@@ -141,14 +127,20 @@ def _from_env(var: str, value: str) -> SquatOptions:
     return SquatOptions(transform=value)
 
 
-def check_environment() -> None:
-    """Raise InvalidParameter naming the variable if a PYLLM_KV_SQUAT_* setting in
-    the environment is malformed (llama.cpp would only say that it failed to
-    create the context)."""
+def from_environment() -> Dict[str, object]:
+    """The settings a context created now gets (what native/llama/side_state.cpp
+    reads): the PYLLM_KV_SQUAT_* variables over the defaults. Raises
+    InvalidParameter naming the variable if one is malformed (llama.cpp would
+    only say that it failed to create the context). Call it inside
+    :func:`applied` to include a load's own options."""
+    out = dict(DEFAULTS)
     for var in ENV.values():
         value = os.environ.get(var)
         if value:
             try:
-                _from_env(var, value)
+                parsed = _from_env(var, value)
             except InvalidParameter as exc:
                 raise InvalidParameter(f"environment variable {var}: {exc}") from None
+            out.update({k: v for k, v in vars(parsed).items() if v is not None})
+    out["lam"] = float(out["lam"])
+    return out

@@ -82,3 +82,17 @@ def kshift_kld(m, text, n_drop=16):
     fresh = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
     assert np.all(np.isfinite(shifted))
     return kld_top1(fresh[None], shifted[None])[0]
+
+
+def state_roundtrip_tokens(m, fresh, text, n=12):
+    """Evaluate `text` on `m`, save llama.cpp's state, continue greedily; restore the
+    state into `fresh` (a context that has first seen another prompt, so its own
+    side state differs) and continue there. Returns (tokens on m, tokens on fresh)."""
+    llama = m.llama
+    llama.reset()
+    llama.eval(m.tokenize(text))
+    state = llama.save_state()
+    want = greedy(llama, n)
+    fresh.logits("Some other text first, so the fresh context has a side state of its own.")
+    fresh.llama.load_state(state)
+    return want, greedy(fresh.llama, n)

@@ -48,12 +48,6 @@ struct pkv_side_slot {
     size_t packed() const { return pkv_squat_packed_len(d); }
 
     bool squat() const { return squat_bits != 0; }
-    bool in_use() const { return active || squat(); }
-    bool squat_fitted() const {
-        if (head_fitted.empty()) return false;
-        for (uint8_t f : head_fitted) if (!f) return false;
-        return true;
-    }
 };
 
 std::string env_str(const char * name, const char * def) {
@@ -368,7 +362,6 @@ void pkv_squat_fit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
 // n_embd_gqa x n_tokens), src[1] the cache row of each token (I32/I64),
 // src[2] the cache (n_embd_gqa x cells). Threads split the tokens.
 void pkv_squat_store_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) dst;
     const auto * sl = static_cast<const pkv_side_slot *>(userdata);
     const ggml_tensor * k     = dst->src[0];
     const ggml_tensor * idx   = dst->src[1];
