@@ -14,9 +14,10 @@ from typing import Dict, Tuple
 
 from .errors import UnknownCacheFormat
 
-# CUDA status of our own formats, set in one place: flip to "yes" when the CUDA
-# encode/decode/flash-attention kernels land (DESIGN.md section 3).
-OURS_CUDA = "planned"
+# CUDA status of our own formats, set in one place: set_rows (SQuat's key
+# encoder included), get_rows, conversion and the flash-attention decode kernel
+# run on the GPU (native/cuda, patches/0009; docs/speed.md).
+OURS_CUDA = "yes"
 # Our block size (values per block). DESIGN.md 2.1 allows 32 or 64; 64 was chosen
 # (one block = one 64-wide head for most models, half the scale overhead of 32).
 OURS_BLOCK = 64

@@ -93,20 +93,6 @@ def _ggml_id(fmt: formats.Format) -> int:
         ) from None
 
 
-def _check_gpu_offload(fk: formats.Format, fv: formats.Format, n_gpu_layers: int) -> None:
-    """Our formats have no CUDA kernels yet: with layers offloaded, their KV cache
-    would live in GPU memory where no backend can write it, so refuse up front."""
-    if n_gpu_layers == 0 or formats.OURS_CUDA == "yes":
-        return
-    ours = [f.name for f in (fk, fv) if f.is_ours]
-    if ours and (_libs.lib_dir() / "libggml-cuda.so").is_file():
-        raise FormatNotAvailable(
-            f"cache format(s) {', '.join(sorted(set(ours)))} have no CUDA kernels yet "
-            f"(CUDA status: {formats.OURS_CUDA}); use n_gpu_layers=0 (--ngl 0), or an "
-            "upstream format (f16, q8_0, q4_0) for GPU offload."
-        )
-
-
 _OVERFLOW_RE = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 
 
@@ -399,7 +385,6 @@ def load(
     info = read_model_info(path)  # ModelNotFound / InvalidModelFile
     fk, fv = validate_config(info, cache_k, cache_v, flash_attn)
     type_k, type_v = _ggml_id(fk), _ggml_id(fv)
-    _check_gpu_offload(fk, fv, n_gpu_layers)
     if n_gpu_layers == 0:
         ctx = n_ctx or info.n_ctx_train
         checks.kv_fits_in_memory(kv_bytes_per_token(info, fk, fv) * ctx, ctx, f"K={fk.name} V={fv.name}")

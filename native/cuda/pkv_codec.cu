@@ -17,17 +17,16 @@ template <> __device__ __forceinline__ half from_f<half>(float v) { return __flo
 
 constexpr int NT = 128;
 
-/* one warp per destination block: lane l holds values l and l + 32. Decode
- * writes one row (a few blocks), so a thread-per-block encoder would leave
- * most of a warp idle and run its 64-value min/max chains serially. Same
- * arithmetic per value as encode_block; min/max are tree reductions that keep
- * the lowest index among equal values, i.e. the reference's first occurrence
- * (matters only for +-0). */
+/* Block scale and minimum of 64 values held by a warp (lane l: values l and
+ * l + 32), as the reference encode_block sets them: fp16 minimum, fp16 scale
+ * (max - min) / L. min/max are tree reductions that keep the lowest index among
+ * equal values, i.e. the reference's first occurrence (matters only for +-0).
+ * Inputs must be sanitized. */
+struct block_params { __half dh, mh; float d, m, id; };
+
 template <int B>
-static __device__ __forceinline__ void encode_block_warp(float x0, float x1, uint8_t * out, const int lane) {
+static __device__ __forceinline__ block_params block_params_warp(const float x0, const float x1, const int lane) {
     constexpr int L = (1 << B) - 1;
-    x0 = sanitize(x0);
-    x1 = sanitize(x1);
     float mn = x0, mx = x0;
     int imn = lane, imx = lane;
     if (x1 < mn) { mn = x1; imn = lane + 32; }
@@ -41,17 +40,30 @@ static __device__ __forceinline__ void encode_block_warp(float x0, float x1, uin
         if (omn < mn || (omn == mn && oin < imn)) { mn = omn; imn = oin; }
         if (omx > mx || (omx == mx && oix < imx)) { mx = omx; imx = oix; }
     }
-    const __half mh = __float2half_rn(mn);
-    const float  m  = __half2float(mh);
-    const __half dh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, m), (float) L));
-    const float  d  = __half2float(dh);
-    const float  id = d > 0.0f ? __frcp_rn(d) : 0.0f;
-    const float q0 = floorf(__fadd_rn(__fmul_rn(__fsub_rn(x0, m), id), 0.5f));
-    const float q1 = floorf(__fadd_rn(__fmul_rn(__fsub_rn(x1, m), id), 0.5f));
-    const uint32_t c0 = (uint32_t) (q0 < 0.0f ? 0 : (q0 > (float) L ? L : (int) q0));
-    const uint32_t c1 = (uint32_t) (q1 < 0.0f ? 0 : (q1 > (float) L ? L : (int) q1));
+    block_params p;
+    p.mh = __float2half_rn(mn);
+    p.m  = __half2float(p.mh);
+    p.dh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, p.m), (float) L));
+    p.d  = __half2float(p.dh);
+    p.id = p.d > 0.0f ? __frcp_rn(p.d) : 0.0f;
+    return p;
+}
+
+/* The reference's code of one value: round((x - m) / d) clamped to [0, L],
+ * without fused multiply-add. */
+template <int B>
+static __device__ __forceinline__ uint32_t code_of(const float x, const block_params & p) {
+    constexpr int L = (1 << B) - 1;
+    const float q = floorf(__fadd_rn(__fmul_rn(__fsub_rn(x, p.m), p.id), 0.5f));
+    return (uint32_t) (q < 0.0f ? 0 : (q > (float) L ? L : (int) q));
+}
+
+/* Write one block from the warp's codes (lane l: codes of values l and l + 32). */
+template <int B>
+static __device__ __forceinline__ void pack_block_warp(const uint32_t c0, const uint32_t c1, const block_params & p,
+                                                       uint8_t * out, const int lane) {
     if (lane == 0) {
-        *(uint32_t *) out = (uint32_t) __half_as_ushort(dh) | ((uint32_t) __half_as_ushort(mh) << 16);
+        *(uint32_t *) out = (uint32_t) __half_as_ushort(p.dh) | ((uint32_t) __half_as_ushort(p.mh) << 16);
     }
     if constexpr (B == 4) {
         out[4 + lane] = (uint8_t) (c0 | (c1 << 4));            /* qs[j] = c[j] | c[j+32] << 4 */
@@ -77,6 +89,18 @@ static __device__ __forceinline__ void encode_block_warp(float x0, float x1, uin
     }
 }
 
+/* One warp per destination block: lane l holds values l and l + 32. Decode
+ * writes one row (a few blocks), so a thread-per-block encoder would leave
+ * most of a warp idle and run its 64-value min/max chains serially. Same
+ * arithmetic per value as encode_block. */
+template <int B>
+static __device__ __forceinline__ void encode_block_warp(float x0, float x1, uint8_t * out, const int lane) {
+    x0 = sanitize(x0);
+    x1 = sanitize(x1);
+    const block_params p = block_params_warp<B>(x0, x1, lane);
+    pack_block_warp<B>(code_of<B>(x0, p), code_of<B>(x1, p), p, out, lane);
+}
+
 template <int B, typename src_t, typename idx_t>
 __global__ void k_set_rows(const char * src, const char * idx, char * dst,     /* no __restrict__: PDL, see pdl_wait */
                            const int64_t nblk_row, const int64_t ne01, const int64_t ne02, const int64_t nblocks,
@@ -97,6 +121,98 @@ __global__ void k_set_rows(const char * src, const char * idx, char * dst,     /
     const src_t * x = (const src_t *) (src + i01 * nb01 + i02 * nb02 + i03 * nb03) + ib * PKV_BLOCK;
     uint8_t * out = (uint8_t *) (dst + row * nb1 + i02 * nb2 + i03 * nb3 + ib * fmt<B>::bytes);
     encode_block_warp<B>(to_f<src_t>(x[lane]), to_f<src_t>(x[lane + 32]), out, lane);
+}
+
+/* SQuat key encoder (the CUDA twin of pkv_squat_quantize_row_ref, squat.c):
+ * per block, the scale and minimum from the current error-updated values, then
+ * value by value the code, its error divided by U[j][j], and the OBS update
+ * w[c] -= err * U[j][c] of every later value of the head. The update chain is
+ * serial in j, so one warp encodes one (token, head) row with the values in
+ * registers as doubles (lane l: values 64 b + l and 64 b + 32 + l of block b),
+ * the owning lane computes each code and broadcasts the error. One CTA per
+ * head and group of SQ_NW tokens: the head's U (upper triangle, fp16, as the
+ * host side state keeps it: pkv_squat_pack) is staged in shared memory once. */
+constexpr int SQ_NW = 4;
+
+static __host__ __device__ constexpr int squat_packed_len(int D) { return D * (D + 1) / 2; }
+
+template <int B, int D, typename idx_t>
+__global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src, const char * idx, char * dst,
+        const uint16_t * Up, const int64_t n_tok, const size_t nb01, const size_t nb10, const size_t nb1) {
+    constexpr int NB = D / PKV_BLOCK;               /* blocks per head row */
+    extern __shared__ __half su[];                  /* squat_packed_len(D) */
+    const int h = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const __half * uh = (const __half *) Up + (size_t) h * squat_packed_len(D);
+    for (int i = threadIdx.x; i < squat_packed_len(D); i += blockDim.x) su[i] = uh[i];
+    pdl_wait();                                     /* the rows come from the kernel just before */
+    pdl_trigger();
+    __syncthreads();
+    const int64_t t = (int64_t) blockIdx.x * SQ_NW + warp;
+    if (t >= n_tok) return;                         /* whole warps, after the only barrier */
+
+    const float * x = (const float *) (src + t * nb01) + (size_t) h * D;
+    double w[2 * NB];
+#pragma unroll
+    for (int k = 0; k < 2 * NB; k++) w[k] = (double) sanitize(x[32 * k + lane]);
+    const int64_t row = (int64_t) *(const idx_t *) (idx + t * nb10);
+    uint8_t * out = (uint8_t *) (dst + row * nb1) + (size_t) h * NB * fmt<B>::bytes;
+
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+        const block_params p = block_params_warp<B>(sanitize((float) w[2 * b]), sanitize((float) w[2 * b + 1]), lane);
+        uint32_t c[2] = { 0, 0 };
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            for (int o = 0; o < 32; o++) {              /* value j of the head, owned by lane o */
+                const int j = PKV_BLOCK * b + 32 * hh + o;
+                const __half * urow = su + (j * D - j * (j - 1) / 2) - j;   /* urow[c] = U[j][c], c >= j */
+                double err = 0.0;
+                if (lane == o) {
+                    const uint32_t code = code_of<B>(sanitize((float) w[2 * b + hh]), p);
+                    c[hh] = code;
+                    const double ujj = (double) __half2float(urow[j]);
+                    if (ujj > 0.0 && isfinite(ujj)) {
+                        const double qv = __dadd_rn((double) p.m, __dmul_rn((double) p.d, (double) code));
+                        err = __ddiv_rn(__dsub_rn(w[2 * b + hh], qv), ujj);
+                    }
+                }
+                err = __shfl_sync(0xffffffffu, err, o);
+                if (err == 0.0) continue;               /* warp-uniform */
+#pragma unroll
+                for (int k = 2 * b + hh; k < 2 * NB; k++) {  /* earlier slots hold only values < j */
+                    const int cidx = 32 * k + lane;
+                    if (cidx > j) w[k] = fma(-err, (double) __half2float(urow[cidx]), w[k]);
+                }
+            }
+        }
+        pack_block_warp<B>(c[0], c[1], p, out + b * fmt<B>::bytes, lane);
+    }
+}
+
+template <int B, int D>
+int squat_set_rows_d(const void * src, const void * idx, int idx_i64, const void * Up, int n_head, void * dst,
+                     int64_t n_tok, size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream) {
+    const size_t smem = (size_t) squat_packed_len(D) * sizeof(__half);
+    const dim3 grid((unsigned) ((n_tok + SQ_NW - 1) / SQ_NW), (unsigned) n_head);
+    auto kern = idx_i64 ? k_squat_set_rows<B, D, int64_t> : k_squat_set_rows<B, D, int32_t>;
+    if (smem > 48 * 1024) {
+        const cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+        if (e != cudaSuccess) return (int) e;
+    }
+    return (int) pdl_launch(kern, grid, dim3(SQ_NW * 32), smem, stream, (const char *) src, (const char *) idx,
+                            (char *) dst, (const uint16_t *) Up, n_tok, nb01, nb10, nb1);
+}
+
+template <int B>
+int squat_set_rows_b(int D, const void * src, const void * idx, int idx_i64, const void * Up, int n_head, void * dst,
+                     int64_t n_tok, size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream) {
+    switch (D) {
+        case  64: return squat_set_rows_d<B,  64>(src, idx, idx_i64, Up, n_head, dst, n_tok, nb01, nb10, nb1, stream);
+        case 128: return squat_set_rows_d<B, 128>(src, idx, idx_i64, Up, n_head, dst, n_tok, nb01, nb10, nb1, stream);
+        case 256: return squat_set_rows_d<B, 256>(src, idx, idx_i64, Up, n_head, dst, n_tok, nb01, nb10, nb1, stream);
+        default:  return -1;
+    }
 }
 
 template <int B, typename src_t>
@@ -317,4 +433,16 @@ extern "C" int pkv_cuda_to_float(int bits, const void * src, void * dst, int dst
     if (ne00 % PKV_BLOCK != 0) return -1;
     if (ne00 * ne01 * ne02 * ne03 == 0) return 0;
     PKV_BITS_SWITCH(bits, to_float_b, src, dst, dst_type, ne00, ne01, ne02, ne03, s01, s02, s03, stream)
+}
+
+extern "C" int pkv_cuda_squat_set_rows(int bits, int head_dim, int n_head, const float * src, const void * idx, int idx_i64,
+                                       const uint16_t * U_packed, void * dst, int64_t n_tok,
+                                       size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream) {
+    if (n_head < 1 || n_tok < 0 || !pkv_cuda_squat_supported(head_dim)) return -1;
+    if (n_tok == 0) return 0;
+    PKV_BITS_SWITCH(bits, squat_set_rows_b, head_dim, src, idx, idx_i64, U_packed, n_head, dst, n_tok, nb01, nb10, nb1, stream)
+}
+
+extern "C" int pkv_cuda_squat_supported(int head_dim) {
+    return head_dim == 64 || head_dim == 128 || head_dim == 256;
 }

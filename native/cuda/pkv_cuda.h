@@ -39,6 +39,17 @@ int pkv_cuda_set_rows(int bits, const void * src, int src_type, const void * idx
                       int64_t ne11, int64_t ne12, size_t nb10, size_t nb11, size_t nb12,
                       size_t nb1, size_t nb2, size_t nb3, cudaStream_t stream);
 
+/* SQuat key encoder (pkv_squat_quantize_row on the GPU): row t of src (f32,
+ * n_head * head_dim values, byte stride nb01) -> dst row idx[t] (int32 or
+ * int64 at byte stride nb10; dst byte stride nb1), head h encoded with its
+ * factor U_h, given as the host keeps it: n_head consecutive upper triangles
+ * of head_dim x head_dim in fp16, row by row (pkv_squat_pack). head_dim: one
+ * of pkv_cuda_squat_supported. */
+int pkv_cuda_squat_set_rows(int bits, int head_dim, int n_head, const float * src, const void * idx, int idx_i64,
+                            const uint16_t * U_packed, void * dst, int64_t n_tok,
+                            size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream);
+int pkv_cuda_squat_supported(int head_dim);   /* 1 for 64, 128, 256 */
+
 /* cpy between an f32 tensor and one of ours (same element count, row-major
  * element order of each tensor; the f32 side may be non-contiguous, ours has
  * ne[0] % 64 == 0). to_ours != 0: f32 -> ours, else ours -> f32.

@@ -5,6 +5,8 @@
 #include "pkv/ggml_hooks.h"
 #include "pkv/sidestate.h"
 
+#include "ggml-backend.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -44,6 +46,9 @@ struct pkv_side_slot {
     int                   d          = 0;
     std::vector<uint16_t> U;               // n_head * packed_len(d)
     std::vector<uint8_t>  head_fitted;     // n_head
+    // The fit op's output (U of every head, packed fp16) in the graph being
+    // built: made by pkv_side_attn_in, consumed by pkv_side_cpy_k of the same layer.
+    ggml_tensor *         U_graph    = nullptr;
 
     size_t packed() const { return pkv_squat_packed_len(d); }
 
@@ -238,14 +243,6 @@ bool pkv_side_keep_hadamard(ggml_type type) {
     return env_hadamard();
 }
 
-void pkv_side_check_k_buffer(ggml_type type_k, bool host) {
-    if (PKV_GGML_IS_SQUAT(type_k) && !host) {
-        throw std::runtime_error(std::string("pyllm-kv: cache type ") + ggml_type_name(type_k) +
-            " encodes keys on the CPU and needs the KV cache in host memory; keep the KV cache on the CPU "
-            "(offload_kqv=False, llama.cpp -nkvo) or use kv4/kv3/kv2 on the GPU");
-    }
-}
-
 void pkv_side_reset(pkv_side_state * s) {
     if (!s) {
         return;
@@ -317,55 +314,52 @@ pkv_side_slot * slot_of(pkv_side_state * s, int il, bool is_v, bool squat = fals
 
 // SQuat, first ubatch of each slot: the query subspace of every KV head from
 // the (rotated) queries of its GQA group, then U = chol(A^-1). Every ubatch:
-// K is passed through unchanged. The op exists so that the encoder, which
-// reads K from this op's output, cannot run before the fit.
-// Threads split the heads (the fit) and the bytes (the copy).
+// the output is U of every head as the slot keeps it (packed fp16, F16 tensor
+// [packed_len(d), n_head]); the key encoder (pkv_squat_store_op on the CPU,
+// set_rows on CUDA) reads it from there, so it cannot run before the fit and,
+// on a GPU, gets U as an ordinary graph input. src[0]: the queries (f32).
+// Threads split the heads.
 void pkv_squat_fit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     auto * sl = static_cast<pkv_side_slot *>(userdata);
     const pkv_side_state * s = sl->owner;
-    const ggml_tensor * k = dst->src[0];
-    const ggml_tensor * q = dst->src[1];
+    const ggml_tensor * q = dst->src[0];
 
     const int     d      = sl->d;
     const int64_t n_head = q->ne[1];
     const int64_t n_tok  = q->ne[2] * q->ne[3];
     const int64_t n_gqa  = n_head / sl->n_head;
     for (int h = ith; h < sl->n_head; h += nth) {
-        if (sl->head_fitted[h]) {
-            continue;
-        }
-        // rows: every token's queries of the heads that read KV head h
-        std::vector<float> rows((size_t) (n_tok * n_gqa * d));
-        for (int64_t t = 0; t < n_tok; ++t) {
-            for (int64_t i = 0; i < n_gqa; ++i) {
-                const float * src = (const float *) q->data + (t * n_head + h * n_gqa + i) * d;
-                memcpy(rows.data() + (t * n_gqa + i) * d, src, (size_t) d * sizeof(float));
+        uint16_t * Uh = sl->U.data() + (size_t) h * sl->packed();
+        if (!sl->head_fitted[h]) {
+            // rows: every token's queries of the heads that read KV head h
+            std::vector<float> rows((size_t) (n_tok * n_gqa * d));
+            for (int64_t t = 0; t < n_tok; ++t) {
+                for (int64_t i = 0; i < n_gqa; ++i) {
+                    const float * src = (const float *) q->data + (t * n_head + h * n_gqa + i) * d;
+                    memcpy(rows.data() + (t * n_gqa + i) * d, src, (size_t) d * sizeof(float));
+                }
             }
+            // on failure pkv_squat_prepare leaves U = I: this head is then plain kv
+            std::vector<float> U((size_t) d * d);
+            pkv_squat_prepare(rows.data(), n_tok * n_gqa, d, s->squat_rank, s->squat_lambda,
+                              s->squat_normalize ? 1 : 0, U.data());
+            pkv_squat_pack(U.data(), d, Uh);
+            sl->head_fitted[h] = 1;
         }
-        // on failure pkv_squat_prepare leaves U = I: this head is then plain kv
-        std::vector<float> U((size_t) d * d);
-        pkv_squat_prepare(rows.data(), n_tok * n_gqa, d, s->squat_rank, s->squat_lambda,
-                          s->squat_normalize ? 1 : 0, U.data());
-        pkv_squat_pack(U.data(), d, sl->U.data() + (size_t) h * sl->packed());
-        sl->head_fitted[h] = 1;
-    }
-
-    const size_t n  = ggml_nbytes(dst);
-    const size_t per = (n + nth - 1) / nth;
-    const size_t b0 = std::min(n, per * ith), b1 = std::min(n, b0 + per);
-    if (b1 > b0) {
-        memcpy((char *) dst->data + b0, (const char *) k->data + b0, b1 - b0);
+        memcpy((char *) dst->data + (size_t) h * dst->nb[1], Uh, sl->packed() * sizeof(uint16_t));
     }
 }
 
-// SQuat encoder writing K rows straight into the cache: src[0] K rows (f32,
-// n_embd_gqa x n_tokens), src[1] the cache row of each token (I32/I64),
-// src[2] the cache (n_embd_gqa x cells). Threads split the tokens.
+// SQuat encoder on the CPU, writing K rows straight into a host cache: src[0]
+// K rows (f32, n_embd_gqa x n_tokens), src[1] the cache row of each token
+// (I32/I64), src[2] the cache (n_embd_gqa x cells), src[3] U of every head
+// (pkv_squat_fit_op's output). Threads split the tokens.
 void pkv_squat_store_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const auto * sl = static_cast<const pkv_side_slot *>(userdata);
     const ggml_tensor * k     = dst->src[0];
     const ggml_tensor * idx   = dst->src[1];
     const ggml_tensor * cache = dst->src[2];
+    const ggml_tensor * Ut    = dst->src[3];
 
     const int     d      = sl->d;
     const int64_t n_tok  = k->ne[1];
@@ -378,7 +372,8 @@ void pkv_squat_store_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     thread_local std::vector<float> U;
     U.resize((size_t) sl->n_head * d * d);
     for (int h = 0; h < sl->n_head; ++h) {
-        pkv_squat_unpack(sl->U.data() + (size_t) h * sl->packed(), d, U.data() + (size_t) h * d * d);
+        pkv_squat_unpack((const uint16_t *) ((const char *) Ut->data + (size_t) h * Ut->nb[1]), d,
+                         U.data() + (size_t) h * d * d);
     }
     for (int64_t t = ith; t < n_tok; t += nth) {
         const int64_t row = idx->type == GGML_TYPE_I64 ? ((const int64_t *) idx->data)[t]
@@ -422,7 +417,6 @@ ggml_tensor * pkv_side_attn_in(ggml_context * ctx, pkv_side_state * s, int il,
     }
     if (pkv_side_slot * sq = slot_of(s, il, false, true)) {
         // SQuat: the queries as attention will see them (after Hadamard or deco)
-        *k = as_f32_contiguous(ctx, *k);
         ggml_tensor * qc = as_f32_contiguous(ctx, *q);
         const int64_t d = (*k)->ne[0], n_head_kv = (*k)->ne[1];
         if (qc->ne[0] != d || n_head_kv < 1 || qc->ne[1] % n_head_kv != 0) {
@@ -436,9 +430,9 @@ ggml_tensor * pkv_side_attn_in(ggml_context * ctx, pkv_side_state * s, int il,
         } else if (sq->n_head != n_head_kv || sq->d != d) {
             throw std::runtime_error("pyllm-kv: SQuat side state was made for another head layout");
         }
-        ggml_tensor * args[2] = { *k, qc };
-        *k = ggml_custom_4d(ctx, GGML_TYPE_F32, (*k)->ne[0], (*k)->ne[1], (*k)->ne[2], (*k)->ne[3],
-                            args, 2, pkv_squat_fit_op, GGML_N_TASKS_MAX, sq);
+        ggml_tensor * args[1] = { qc };
+        sq->U_graph = ggml_custom_4d(ctx, GGML_TYPE_F16, (int64_t) sq->packed(), sq->n_head, 1, 1,
+                                     args, 1, pkv_squat_fit_op, GGML_N_TASKS_MAX, sq);
     }
     ggml_tensor * mv = nullptr;
     if (pkv_side_slot * sv = slot_of(s, il, true)) {
@@ -456,17 +450,36 @@ ggml_tensor * pkv_side_attn_out(ggml_context * ctx, ggml_tensor * v_mats, ggml_t
 ggml_tensor * pkv_side_cpy_k(ggml_context * ctx, pkv_side_state * s, int il,
                              ggml_tensor * k_cache, ggml_tensor * k_cur, ggml_tensor * k_idxs) {
     pkv_side_slot * sq = slot_of(s, il, false, true);
-    if (!sq || sq->n_head == 0) {
+    if (!sq || sq->n_head == 0 || !sq->U_graph) {
         return nullptr; // not squat, or K never went through build_attn's hook (then plain)
     }
+    ggml_tensor * U = sq->U_graph;
+    sq->U_graph = nullptr;
     if (!PKV_GGML_IS_SQUAT(k_cache->type) || k_cache->ne[0] != (int64_t) sq->n_head * sq->d) {
         throw std::runtime_error("pyllm-kv: SQuat K cache does not match its side state");
     }
     if (k_cur->type != GGML_TYPE_F32) {
         k_cur = ggml_cast(ctx, k_cur, GGML_TYPE_F32);
     }
-    ggml_tensor * args[3] = { k_cur, k_idxs, k_cache };
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 3, pkv_squat_store_op, GGML_N_TASKS_MAX, sq);
+    const ggml_tensor * base = k_cache;
+    while (base->view_src) {
+        base = base->view_src;
+    }
+    if (!base->buffer || ggml_backend_buffer_is_host(base->buffer)) {
+        ggml_tensor * args[4] = { k_cur, k_idxs, k_cache, U };
+        return ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 4, pkv_squat_store_op, GGML_N_TASKS_MAX, sq);
+    }
+    // Cache in device memory: set_rows with U as an extra source, which the
+    // CUDA backend encodes with the SQuat encoder (patches/0009, native/cuda);
+    // a backend without it refuses the op (supports_op) instead of storing plain.
+    if (sq->d != 64 && sq->d != 128 && sq->d != 256) {
+        throw std::runtime_error("pyllm-kv: SQuat keys in GPU memory need head size 64, 128 or 256 (this model: " +
+                                 std::to_string(sq->d) + "); keep the KV cache on the CPU (offload_kqv=False, "
+                                 "llama.cpp -nkvo)");
+    }
+    ggml_tensor * t = ggml_set_rows(ctx, k_cache, ggml_is_contiguous_rows(k_cur) ? k_cur : ggml_cont(ctx, k_cur), k_idxs);
+    t->src[3] = U;
+    return t;
 }
 
 ggml_tensor * pkv_side_kshift_undo(ggml_context * ctx, pkv_side_state * s, int il, ggml_tensor * k_f32) {

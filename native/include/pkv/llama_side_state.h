@@ -60,11 +60,6 @@ const char * pkv_side_describe(const pkv_side_state * s);
  * environment asks for both (PYLLM_KV_DECO_HADAMARD=1, a measured variant). */
 bool pkv_side_keep_hadamard(ggml_type type);
 
-/* Throws (naming the fix) when K of this type cannot live in a buffer of that
- * kind: SQuat's encoder writes K from the CPU, so squat* K needs host memory
- * (on a GPU build keep the KV cache on the CPU: offload_kqv=False / -nkvo). */
-void pkv_side_check_k_buffer(ggml_type type_k, bool host);
-
 /* Forget everything: the next ubatch fits anew. s may be nullptr. */
 void pkv_side_reset(pkv_side_state * s);
 
@@ -79,8 +74,10 @@ ggml_tensor * pkv_side_attn_out(ggml_context * ctx, ggml_tensor * v_mats, ggml_t
  * (replaces upstream's set_rows in llama_kv_cache::cpy_k). k_cache: the cache
  * as n_embd_gqa x cells, k_cur: n_embd_gqa x n_tokens, k_idxs: the cell of
  * each token. Returns nullptr when this layer's K is not SQuat (the caller
- * then stores as usual). Runs on the CPU (a ggml custom op): llama.cpp keeps
- * the cache in host memory for it (CUDA offload of squat K is refused). */
+ * then stores as usual). A cache in host memory is written by a ggml custom op
+ * on the CPU; one in device memory by GGML_OP_SET_ROWS with src[3] = the
+ * layer's U (packed fp16 per KV head), which the CUDA backend encodes on the
+ * GPU. The fit itself (once per sequence) stays on the CPU. */
 ggml_tensor * pkv_side_cpy_k(ggml_context * ctx, pkv_side_state * s, int il,
                              ggml_tensor * k_cache, ggml_tensor * k_cur, ggml_tensor * k_idxs);
 

@@ -1,0 +1,193 @@
+/* pkv-cuda-test: the CUDA encoders of native/cuda/pkv_codec.cu against the C
+ * reference of libpyllm_kv_native, on fresh random inputs (run on a GPU
+ * machine; built with GGML_CUDA=ON and PYLLM_KV_UPSTREAM_TESTS=ON).
+ *
+ *   plain set_rows (kv4/kv3/kv2)  vs pkv_quantize_row: byte-identical blocks;
+ *   SQuat set_rows (squat4/3/2)   vs pkv_squat_quantize_row_ref (float64 OBS
+ *       updates, U from pkv_squat_prepare on random queries, fp16-packed as the
+ *       KV cache keeps it): codes may differ only where a value sits on a
+ *       rounding tie that the host compiler evaluates with a fused multiply-add
+ *       (the CUDA encoder never fuses), and such a flip feeds the later values
+ *       of the row through the OBS update; so the test bounds the fraction of
+ *       differing codes (<= 1%) and the reconstruction difference (<= 5% of the
+ *       reference's own quantization error).
+ *
+ * Exit status 0 = all cases pass; every case prints one line. Usage:
+ *   pkv-cuda-test [seed] */
+#include "pkv_cuda.h"
+#include "pkv/codec.h"
+#include "pkv/sidestate.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <ctime>
+#include <random>
+#include <vector>
+
+#define CK(x)                                                                          \
+    do {                                                                               \
+        cudaError_t e_ = (x);                                                          \
+        if (e_ != cudaSuccess) {                                                       \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+            exit(2);                                                                   \
+        }                                                                              \
+    } while (0)
+
+static std::mt19937_64 rng;
+
+static std::vector<float> randn(size_t n, float scale) {
+    std::normal_distribution<float> nd(0.0f, scale);
+    std::vector<float> v(n);
+    for (auto & x : v) x = nd(rng);
+    return v;
+}
+
+template <typename T>
+static T * to_dev(const std::vector<T> & v) {
+    T * d = nullptr;
+    CK(cudaMalloc(&d, v.size() * sizeof(T) + 1));
+    CK(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+
+/* Token t goes to cache row perm[t] of n_cells; both index widths are checked. */
+static std::vector<int64_t> row_perm(int64_t n_tok, int64_t n_cells) {
+    std::vector<int64_t> cells(n_cells);
+    for (int64_t i = 0; i < n_cells; i++) cells[i] = i;
+    std::shuffle(cells.begin(), cells.end(), rng);
+    cells.resize(n_tok);
+    return cells;
+}
+
+static int run_set_rows(int idx_i64, int bits, const std::vector<float> & x, int64_t n_tok, int64_t row_len,
+                        const std::vector<int64_t> & perm, int64_t n_cells, const uint16_t * U_packed_dev,
+                        int d, int n_head, std::vector<uint8_t> & out) {
+    const size_t row_b = (size_t) (row_len / PKV_BLOCK) * pkv_block_bytes(bits);
+    float * xd = to_dev(x);
+    void * idx = nullptr;
+    if (idx_i64) {
+        idx = to_dev(perm);
+    } else {
+        std::vector<int32_t> p32(perm.begin(), perm.end());
+        idx = to_dev(p32);
+    }
+    uint8_t * dst = nullptr;
+    CK(cudaMalloc(&dst, row_b * n_cells));
+    CK(cudaMemset(dst, 0, row_b * n_cells));
+    const size_t nb_idx = idx_i64 ? sizeof(int64_t) : sizeof(int32_t);
+    int rc;
+    if (U_packed_dev) {
+        rc = pkv_cuda_squat_set_rows(bits, d, n_head, xd, idx, idx_i64, U_packed_dev, dst, n_tok,
+                                     row_len * sizeof(float), nb_idx, row_b, 0);
+    } else {
+        rc = pkv_cuda_set_rows(bits, xd, PKV_CUDA_T_F32, idx, idx_i64, dst, row_len, n_tok, 1, 1,
+                               row_len * sizeof(float), row_len * sizeof(float) * n_tok, row_len * sizeof(float) * n_tok,
+                               1, 1, nb_idx, nb_idx * n_tok, nb_idx * n_tok, row_b, row_b * n_cells, row_b * n_cells, 0);
+    }
+    if (rc != 0) {
+        fprintf(stderr, "launcher returned %d\n", rc);
+        return rc;
+    }
+    CK(cudaDeviceSynchronize());
+    out.resize(row_b * n_cells);
+    CK(cudaMemcpy(out.data(), dst, out.size(), cudaMemcpyDeviceToHost));
+    CK(cudaFree(xd)); CK(cudaFree(idx)); CK(cudaFree(dst));
+    return 0;
+}
+
+static bool test_plain(int bits, int idx_i64) {
+    const int64_t row_len = 256, n_tok = 77, n_cells = 100;
+    std::vector<float> x = randn((size_t) row_len * n_tok, 1.0f);
+    for (int64_t i = 0; i < (int64_t) x.size(); i += 97) x[i] *= 40.0f;   /* outliers */
+    const auto perm = row_perm(n_tok, n_cells);
+    std::vector<uint8_t> got;
+    if (run_set_rows(idx_i64, bits, x, n_tok, row_len, perm, n_cells, nullptr, 0, 0, got) != 0) return false;
+    const size_t row_b = (size_t) (row_len / PKV_BLOCK) * pkv_block_bytes(bits);
+    std::vector<uint8_t> ref(row_b);
+    int64_t bad = 0;
+    for (int64_t t = 0; t < n_tok; t++) {
+        pkv_quantize_row(bits, x.data() + t * row_len, ref.data(), row_len);
+        bad += memcmp(ref.data(), got.data() + perm[t] * row_b, row_b) != 0;
+    }
+    const bool ok = bad == 0;
+    printf("%s set_rows kv%d idx%s: %lld of %lld rows differ from pkv_quantize_row\n", ok ? "OK  " : "FAIL",
+           bits, idx_i64 ? "64" : "32", (long long) bad, (long long) n_tok);
+    return ok;
+}
+
+static bool test_squat(int bits, int d, int idx_i64) {
+    const int n_head = 3, n_gqa = 2;
+    const int64_t n_tok = 45, n_cells = 64, row_len = (int64_t) n_head * d;
+    const size_t pl = pkv_squat_packed_len(d);
+    /* per head: U from 40 random query rows with a few dominant directions */
+    std::vector<uint16_t> Up((size_t) n_head * pl);
+    std::vector<float> Uf((size_t) n_head * d * d);
+    for (int h = 0; h < n_head; h++) {
+        std::vector<float> q = randn((size_t) 40 * n_gqa * d, 1.0f);
+        for (size_t i = 0; i < q.size(); i += d) q[i] *= 8.0f, q[i + 1] *= 5.0f;
+        std::vector<float> U((size_t) d * d);
+        if (pkv_squat_prepare(q.data(), 40 * n_gqa, d, 16, 100.0f, 1, U.data()) != 0) {
+            printf("FAIL squat%d d=%d: pkv_squat_prepare failed\n", bits, d);
+            return false;
+        }
+        pkv_squat_pack(U.data(), d, Up.data() + h * pl);
+        pkv_squat_unpack(Up.data() + h * pl, d, Uf.data() + (size_t) h * d * d);   /* what the encoders see */
+    }
+    std::vector<float> x = randn((size_t) row_len * n_tok, 1.0f);
+    for (int64_t i = 0; i < (int64_t) x.size(); i += 61) x[i] *= 10.0f;
+    const auto perm = row_perm(n_tok, n_cells);
+    uint16_t * Ud = to_dev(Up);
+    std::vector<uint8_t> got;
+    const int rc = run_set_rows(idx_i64, bits, x, n_tok, row_len, perm, n_cells, Ud, d, n_head, got);
+    CK(cudaFree(Ud));
+    if (rc != 0) {
+        printf("FAIL squat%d d=%d: launcher error %d\n", bits, d, rc);
+        return false;
+    }
+    const size_t head_b = (size_t) (d / PKV_BLOCK) * pkv_block_bytes(bits), row_b = head_b * n_head;
+    std::vector<uint8_t> ref(head_b);
+    std::vector<float> yr(d), yg(d);
+    int64_t n_codes = 0, diff_codes = 0;
+    double err_ref = 0.0, diff = 0.0;
+    for (int64_t t = 0; t < n_tok; t++) {
+        for (int h = 0; h < n_head; h++) {
+            const float * k = x.data() + t * row_len + (size_t) h * d;
+            pkv_squat_quantize_row_ref(bits, k, Uf.data() + (size_t) h * d * d, d, ref.data());
+            const uint8_t * g = got.data() + perm[t] * row_b + h * head_b;
+            pkv_dequantize_row(bits, ref.data(), yr.data(), d);
+            pkv_dequantize_row(bits, g, yg.data(), d);
+            for (int i = 0; i < d; i++) {   /* a differing code (or block scale) shows as a differing value */
+                err_ref += ((double) yr[i] - k[i]) * ((double) yr[i] - k[i]);
+                diff    += ((double) yr[i] - yg[i]) * ((double) yr[i] - yg[i]);
+                diff_codes += yr[i] != yg[i];
+            }
+            n_codes += d;
+        }
+    }
+    const double frac = (double) diff_codes / (double) n_codes, rel = diff / (err_ref > 0 ? err_ref : 1.0);
+    const bool ok = frac <= 0.01 && rel <= 0.05;
+    printf("%s set_rows squat%d d=%d idx%s: %lld of %lld codes differ (%.4f%%), |gpu-ref|^2 / |ref-k|^2 = %.2e\n",
+           ok ? "OK  " : "FAIL", bits, d, idx_i64 ? "64" : "32", (long long) diff_codes, (long long) n_codes,
+           100.0 * frac, rel);
+    return ok;
+}
+
+int main(int argc, char ** argv) {
+    const unsigned long long seed = argc > 1 ? strtoull(argv[1], nullptr, 10) : (unsigned long long) time(nullptr);
+    rng.seed(seed);
+    printf("pkv-cuda-test seed %llu\n", seed);
+    int fails = 0, n = 0;
+    for (int bits : {4, 3, 2}) {
+        for (int i64 : {0, 1}) {
+            fails += !test_plain(bits, i64); n++;
+        }
+        for (int d : {64, 128, 256}) {
+            fails += !test_squat(bits, d, d == 128); n++;
+        }
+    }
+    printf("%d of %d cases passed\n", n - fails, n);
+    return fails == 0 ? 0 : 1;
+}
