@@ -31,18 +31,21 @@ REPO=$PWD
 SRC=/tmp/src/llama_cpp_python-0.3.36
 M=/tmp/smollm2.gguf
 LOG=$OUT/log.txt
-bin_dir() { (cd /tmp && python -c 'import pyllm_kv._libs as l; print(l.bin_dir())'); }
+bin_dir() { (cd /tmp && python3 -c 'import pyllm_kv._libs as l; print(l.bin_dir())'); }
+# a venv over the system site-packages (numpy, ...); without python3-venv, pip
+# installs into the system Python instead
+activate() { if [ -f /tmp/venv/bin/activate ]; then . /tmp/venv/bin/activate; else export PIP_BREAK_SYSTEM_PACKAGES=1; fi; }
 
 if [ "$STAGE" = install ]; then
   { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; nproc
     python3 --version; cmake --version | head -1; echo "ninja $(ninja --version)"; } > $LOG 2>&1
   mkdir -p /tmp/src && tar xzf .carry1/llama_cpp_python-0.3.36-trim.tgz -C /tmp/src
   cp .carry1/smol.aa /tmp/
-  python3 -m venv --system-site-packages /tmp/venv
-  . /tmp/venv/bin/activate
+  python3 -m venv --system-site-packages /tmp/venv >> $LOG 2>&1 || rm -rf /tmp/venv
+  activate
   export PIP_NO_INDEX=1 PIP_FIND_LINKS=$REPO/.carry1/wheels PYLLM_KV_LLAMA_SRC=$SRC SKBUILD_BUILD_DIR=/tmp/b \
          CMAKE_BUILD_PARALLEL_LEVEL=16
-  ( time CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90" pip install -v . ) > $OUT/pip.log 2>&1
+  ( time CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90" python3 -m pip install -v . ) > $OUT/pip.log 2>&1
   echo "pip install rc=$? at ${SECONDS}s" >> $LOG
   { grep -E "error|Error" $OUT/pip.log | grep -v "Werror\|error_\|_error\|errors\.\|-Wno" | head -20
     grep -E "Successfully installed|^real" $OUT/pip.log; } >> $LOG
@@ -50,7 +53,7 @@ if [ "$STAGE" = install ]; then
   timeout 120 $B/pkv-cuda-test 20261203 >> $LOG 2>&1; echo "pkv-cuda-test rc=$?" >> $LOG
   (cd /tmp && pyllm-kv formats) >> $LOG 2>&1
 elif [ "$STAGE" = test ]; then
-  . /tmp/venv/bin/activate
+  activate
   cp .carry2/smol.ab /tmp/
   B=$(bin_dir)
   for op in SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT; do
@@ -68,7 +71,7 @@ elif [ "$STAGE" = test ]; then
   tail -5 $OUT/bench_gpu.err >> $LOG
   cat $OUT/bench_gpu.md >> $LOG
 elif [ "$STAGE" = parity ]; then
-  . /tmp/venv/bin/activate
+  activate
   cat /tmp/smol.aa /tmp/smol.ab .carry3/smol.ac > $M
   echo "model md5 $(md5sum < $M | cut -d' ' -f1) expected $(cat .carry3/smol.md5)" > $LOG
   B=$(bin_dir)
