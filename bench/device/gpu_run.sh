@@ -24,7 +24,7 @@
 #       shape model.
 # Everything lands under $OUT; the log ends with the tables.
 set -x
-STAGE=${1:?install, test or parity}
+STAGE=${1:?install, pycheck, test or parity}
 LIMIT=${GPU_RUN_LIMIT:-585}
 fits() { [ $((SECONDS + $1)) -lt "$LIMIT" ]; }
 REPO=$PWD
@@ -61,6 +61,16 @@ if [ "$STAGE" = install ]; then
   B=$(bin_dir); echo "bin: $B" >> $LOG; ls $B >> $LOG
   timeout 120 $B/pkv-cuda-test 20261203 >> $LOG 2>&1; echo "pkv-cuda-test rc=$?" >> $LOG
   (cd /tmp && pyllm-kv formats) >> $LOG 2>&1
+elif [ "$STAGE" = pycheck ]; then
+  # after install (same warm machine, or chained in one call): the Python API with
+  # layers on the GPU, variant by variant, on a tiny random-weight llama
+  activate
+  python3 bench/make_shape_model.py --preset tiny --out /tmp/tiny.gguf > /tmp/tiny.log 2>&1 || tail -3 /tmp/tiny.log
+  timeout 400 python3 bench/device/py_gpu_check.py /tmp/tiny.gguf >> $LOG 2>&1
+  if command -v gdb > /dev/null && fits 60; then
+    (cd /tmp && timeout 60 gdb -q -batch -ex run -ex bt --args python3 -c "from pyllm_kv import _libs
+_libs.llama_cpp().Llama('/tmp/tiny.gguf', n_gpu_layers=99, verbose=True)") 2>&1 | grep -A30 "SIGSEGV" | head -40 >> $LOG
+  fi
 elif [ "$STAGE" = test ]; then
   activate
   cp .carry2/smol.ab /tmp/
