@@ -9,6 +9,7 @@ llama_context"), and report what the KV cache costs.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
@@ -91,6 +92,29 @@ def _ggml_id(fmt: formats.Format) -> int:
             "(an unpatched llama.cpp build?). Reinstall pyllm-kv, or point PYLLM_KV_LIB_DIR at "
             "a patched build."
         ) from None
+
+
+# Set to 1 to let pyllm_kv.load offload layers on a CUDA build anyway (see below).
+GPU_PYTHON_ENV = "PYLLM_KV_ALLOW_GPU_PYTHON"
+
+
+def _check_gpu_python(n_gpu_layers: int) -> None:
+    """Layers on the GPU through the Python API: on the CUDA build, llama-cpp-python
+    0.3.36's Llama crashed (SIGSEGV inside llama_model_load_from_file) with
+    n_gpu_layers > 0 for every cache format, f16 included, while the same libraries
+    run fine from the bundled tools (bench/results/gpu-h200, H200, 2026-12-03). A
+    segfault takes the caller's process down with it, so refuse up front and name
+    what works; the environment variable lets someone try it deliberately."""
+    if n_gpu_layers == 0 or os.environ.get(GPU_PYTHON_ENV) == "1":
+        return
+    if (_libs.lib_dir() / "libggml-cuda.so").is_file():
+        raise LlamaError(
+            "n_gpu_layers > 0 is refused through the Python API on this CUDA build: llama-cpp-python "
+            "0.3.36's model loader crashed the process with layers on the GPU (every cache format, f16 "
+            "included). Run GPU work with the bundled tools (pyllm-kv bench --gpu; llama-completion, "
+            f"llama-perplexity in {_libs.bin_dir()}), use n_gpu_layers=0 (--ngl 0), or set "
+            f"{GPU_PYTHON_ENV}=1 to try anyway."
+        )
 
 
 _OVERFLOW_RE = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
@@ -385,6 +409,7 @@ def load(
     info = read_model_info(path)  # ModelNotFound / InvalidModelFile
     fk, fv = validate_config(info, cache_k, cache_v, flash_attn)
     type_k, type_v = _ggml_id(fk), _ggml_id(fv)
+    _check_gpu_python(n_gpu_layers)
     if n_gpu_layers == 0:
         ctx = n_ctx or info.n_ctx_train
         checks.kv_fits_in_memory(kv_bytes_per_token(info, fk, fv) * ctx, ctx, f"K={fk.name} V={fv.name}")
