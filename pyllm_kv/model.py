@@ -99,21 +99,22 @@ GPU_PYTHON_ENV = "PYLLM_KV_ALLOW_GPU_PYTHON"
 
 
 def _check_gpu_python(n_gpu_layers: int) -> None:
-    """Layers on the GPU through the Python API: on the CUDA build, llama-cpp-python
-    0.3.36's Llama crashed (SIGSEGV inside llama_model_load_from_file) with
-    n_gpu_layers > 0 for every cache format, f16 included, while the same libraries
-    run fine from the bundled tools (bench/results/gpu-h200, H200, 2026-12-03). A
-    segfault takes the caller's process down with it, so refuse up front and name
-    what works; the environment variable lets someone try it deliberately."""
+    """Layers on the GPU through this function: on the CUDA build (H200,
+    2026-12-03) load() with n_gpu_layers > 0 crashed the process (SIGSEGV inside
+    llama_model_load_from_file) for every cache format, f16 included, while
+    llama-cpp-python's own Llama(..., n_gpu_layers=99) on the same libraries and the
+    bundled tools ran fine (bench/results/gpu-h200/py_gpu_check.txt). The cause is
+    not found yet; a segfault takes the caller's process down with it, so refuse up
+    front and name what works; the environment variable lets someone try it."""
     if n_gpu_layers == 0 or os.environ.get(GPU_PYTHON_ENV) == "1":
         return
     if (_libs.lib_dir() / "libggml-cuda.so").is_file():
         raise LlamaError(
-            "n_gpu_layers > 0 is refused through the Python API on this CUDA build: llama-cpp-python "
-            "0.3.36's model loader crashed the process with layers on the GPU (every cache format, f16 "
-            "included). Run GPU work with the bundled tools (pyllm-kv bench --gpu; llama-completion, "
-            f"llama-perplexity in {_libs.bin_dir()}), use n_gpu_layers=0 (--ngl 0), or set "
-            f"{GPU_PYTHON_ENV}=1 to try anyway."
+            "n_gpu_layers > 0 is refused by pyllm_kv.load on this CUDA build: it crashed the process "
+            "while loading the model with layers on the GPU (every cache format, f16 included; not "
+            "diagnosed yet). Run GPU work with the bundled tools (pyllm-kv bench --gpu; "
+            f"llama-completion, llama-perplexity in {_libs.bin_dir()}), use n_gpu_layers=0 (--ngl 0), "
+            f"or set {GPU_PYTHON_ENV}=1 to try anyway."
         )
 
 

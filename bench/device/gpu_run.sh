@@ -61,6 +61,21 @@ if [ "$STAGE" = install ]; then
   B=$(bin_dir); echo "bin: $B" >> $LOG; ls $B >> $LOG
   timeout 120 $B/pkv-cuda-test 20261203 >> $LOG 2>&1; echo "pkv-cuda-test rc=$?" >> $LOG
   (cd /tmp && pyllm-kv formats) >> $LOG 2>&1
+elif [ "$STAGE" = pyquick ]; then
+  # pycheck on a fresh machine without the full install: CUDA build of libllama only,
+  # the Python layer from the carried sdist, pyllm_kv from this tree
+  { nvidia-smi --query-gpu=name --format=csv,noheader; } > $LOG 2>&1
+  mkdir -p /tmp/src && tar xzf .carry1/llama_cpp_python-0.3.36-trim.tgz -C /tmp/src
+  activate
+  python3 -m pip install -q --no-index --find-links .carry1/wheels diskcache cffi gguf jinja2 tqdm typing-extensions >> $LOG 2>&1
+  cmake -S . -B /tmp/b -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DPYLLM_KV_UPSTREAM_TESTS=OFF -DPYLLM_KV_LLAMA_SRC=$SRC > /tmp/cfg.log 2>&1 || { tail -20 /tmp/cfg.log >> $LOG; cat $LOG; exit 1; }
+  ( time ninja -C /tmp/b -j16 llama ) > /tmp/build.log 2>&1; echo "build rc=$? at ${SECONDS}s" >> $LOG
+  tail -3 /tmp/build.log >> $LOG
+  cp /tmp/b/native/libpyllm_kv_native.so /tmp/b/bin/ 2>> $LOG
+  export PYLLM_KV_LIB_DIR=/tmp/b/bin PYTHONPATH=$SRC:$REPO PYLLM_KV_ALLOW_GPU_PYTHON=1
+  python3 bench/make_shape_model.py --preset tiny --out /tmp/tiny.gguf > /tmp/tiny.log 2>&1 || tail -3 /tmp/tiny.log >> $LOG
+  (cd /tmp && timeout $((LIMIT - SECONDS - 5)) python3 $REPO/bench/device/py_gpu_check.py /tmp/tiny.gguf) >> $LOG 2>&1
 elif [ "$STAGE" = pycheck ]; then
   # after install (same warm machine, or chained in one call): the Python API with
   # layers on the GPU, variant by variant, on a tiny random-weight llama
