@@ -1,10 +1,11 @@
 """CUDA sources of our types (native/cuda/*.cu) compile for Hopper.
 
-CI has no GPU and usually no nvcc: this test compiles each file with
-`nvcc -std=c++17 -arch=sm_90 -O3 -use_fast_math -c` (the flags ggml-cuda uses)
-when nvcc is on PATH, and is skipped otherwise. It checks compilation only;
-the kernels' results are checked on a GPU by test-backend-ops (patches/0006
-adds our types; bench/device/cuda_run.sh runs it on CUDA0 against the CPU).
+CI has no GPU: this test compiles each file, and the GPU test program
+native/tests/cuda_codec_test.cu, with `nvcc -std=c++17 -arch=sm_90 -O3
+-use_fast_math -c` (the flags ggml-cuda uses) when nvcc is on PATH, and is
+skipped otherwise. It checks compilation only; the kernels' results are checked
+on a GPU by test-backend-ops against the CPU backend (patches/0006 adds our
+types) and by pkv-cuda-test against the C reference (bench/device/gpu_run.sh).
 The ggml-side dispatch (patches/0009, ggml-cuda/pkv.cu) needs cuBLAS headers
 and is compiled by the CUDA build itself, not here.
 """
@@ -16,7 +17,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "native" / "cuda"
-SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+SOURCES = sorted(CUDA_DIR.glob("*.cu")) + [ROOT / "native" / "tests" / "cuda_codec_test.cu"]
 NVCC = shutil.which("nvcc")
 
 
@@ -24,6 +25,7 @@ def test_sources_exist():
     names = {p.name for p in SOURCES}
     assert {"pkv_codec.cu", "pkv_fattn.cu"} <= names
     assert (CUDA_DIR / "pkv_cuda.h").is_file()
+    assert SOURCES[-1].is_file()
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH (CI has no CUDA toolkit): compile check skipped")

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Decode-speed run for the CUDA kernels of our types, all in ONE device call
-# (carry [".carry"], timeout_s 600; bench/device/prepare_carry.sh fills .carry):
+# (carry [".carry1"], timeout_s 600; bench/device/prepare_carries.sh fills .carry1):
 #   1. CUDA build of llama-bench + test-backend-ops under /tmp (sm_90, -lineinfo);
 #   2. test-backend-ops on CUDA0 vs CPU: FLASH_ATTN_EXT and SET_ROWS for kv2/kv3/kv4,
 #      then FLASH_ATTN_EXT at head size 128 again with PKV_CUDA_FA_TPC=1000 (the
@@ -30,7 +30,7 @@ SRC=/tmp/src/llama_cpp_python-0.3.36
 M=/tmp/shape8b.gguf
 R=/tmp/perf; mkdir -p $R
 LOG=$OUT/log.txt
-TGZ=.carry/llama_cpp_python-0.3.36-trim.tgz
+TGZ=.carry1/llama_cpp_python-0.3.36-trim.tgz
 
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; nproc; } > $LOG 2>&1
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
