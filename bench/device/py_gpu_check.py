@@ -14,6 +14,10 @@ VARIANTS = {
     "gpu, use_mmap=False": "dict(n_gpu_layers=99, use_mmap=False)",
     "gpu, tensor_split=[1.0]": "dict(n_gpu_layers=99, tensor_split=[1.0])",
     "gpu, split_mode=NONE": "dict(n_gpu_layers=99, split_mode=0)",
+    # pyllm_kv.load reads the model's metadata with gguf-py first (read_model_info);
+    # the plain variants above never import gguf: is that the difference?
+    "gpu after import gguf": "'import gguf'",
+    "gpu after read_model_info": "'read_model_info'",
     "pyllm_kv.load kv4 gpu": None,
 }
 
@@ -22,6 +26,16 @@ import sys, faulthandler
 faulthandler.enable()
 from pyllm_kv import _libs
 path, kwargs = sys.argv[1], eval(sys.argv[2])
+if kwargs == "import gguf":
+    import gguf  # noqa: F401
+    kwargs = dict(n_gpu_layers=99)
+elif kwargs == "read_model_info":
+    from pyllm_kv.model_info import read_model_info
+    read_model_info(path)
+    kwargs = dict(n_gpu_layers=99)
+# C++ extensions that gguf-py pulls in when installed (as in a torch environment)
+print("modules:", sorted(m for m in ("sentencepiece", "mistral_common", "torch", "transformers") if m in sys.modules),
+      file=sys.stderr)
 if kwargs is None:
     import pyllm_kv
     m = pyllm_kv.load(path, cache_k="kv4", cache_v="kv4", n_gpu_layers=99, verbose=True)
@@ -39,7 +53,8 @@ def main() -> int:
         p = subprocess.run([sys.executable, "-c", CHILD, path, repr(kw) if kw is None else kw],
                            capture_output=True, text=True, timeout=120)
         text = [l for l in p.stdout.splitlines() if l.startswith("TEXT:")]
-        print(f"== {name}: rc={p.returncode} {text[0] if text else ''}")
+        mods = [l for l in p.stderr.splitlines() if l.startswith("modules:")]
+        print(f"== {name}: rc={p.returncode} {text[0] if text else ''} {mods[0] if mods else ''}")
         if p.returncode != 0:
             print("   " + "\n   ".join(p.stderr.splitlines()[-25:]))
     return 0
