@@ -2,6 +2,7 @@
  * conversion to f16/f32 (decode). Formats: pkv/codec.h; helpers: pkv_cuda.cuh. */
 #include "pkv_cuda.h"
 #include "pkv_cuda.cuh"
+#include "pkv/sidestate.h"
 
 using namespace pkv;
 
@@ -444,5 +445,5 @@ extern "C" int pkv_cuda_squat_set_rows(int bits, int head_dim, int n_head, const
 }
 
 extern "C" int pkv_cuda_squat_supported(int head_dim) {
-    return head_dim == 64 || head_dim == 128 || head_dim == 256;
+    return PKV_SQUAT_GPU_HEAD_DIM_OK(head_dim) ? 1 : 0;
 }

@@ -472,12 +472,12 @@ ggml_tensor * pkv_side_cpy_k(ggml_context * ctx, pkv_side_state * s, int il,
     // Cache in device memory: set_rows with U as an extra source, which the
     // CUDA backend encodes with the SQuat encoder (patches/0009, native/cuda);
     // a backend without it refuses the op (supports_op) instead of storing plain.
-    if (sq->d != 64 && sq->d != 128 && sq->d != 256) {
+    if (!PKV_SQUAT_GPU_HEAD_DIM_OK(sq->d)) {
         throw std::runtime_error("pyllm-kv: SQuat keys in GPU memory need head size 64, 128 or 256 (this model: " +
                                  std::to_string(sq->d) + "); keep the KV cache on the CPU (offload_kqv=False, "
                                  "llama.cpp -nkvo)");
     }
-    ggml_tensor * t = ggml_set_rows(ctx, k_cache, ggml_is_contiguous_rows(k_cur) ? k_cur : ggml_cont(ctx, k_cur), k_idxs);
+    ggml_tensor * t = ggml_set_rows(ctx, k_cache, k_cur, k_idxs);
     t->src[3] = U;
     return t;
 }

@@ -188,6 +188,12 @@ PKV_API size_t pkv_squat_packed_len(int d);
 PKV_API void   pkv_squat_pack(const float * U, int d, uint16_t * Up);
 PKV_API void   pkv_squat_unpack(const uint16_t * Up, int d, float * U);
 
+/* Head sizes the CUDA SQuat key encoder takes (pkv_cuda_squat_set_rows: one
+ * template instance each, U of a head staged in shared memory). Used by the
+ * launcher and by the KV-cache glue, which refuses other sizes for a K cache in
+ * GPU memory up front. */
+#define PKV_SQUAT_GPU_HEAD_DIM_OK(d) ((d) == 64 || (d) == 128 || (d) == 256)
+
 /* n_rows rows of n_heads*d values (contiguous); head h of every row is
  * encoded with U_per_head + h*d*d. out receives n_rows rows of
  * n_heads*d/64 blocks each, contiguous (the layout pkv_quantize_row writes
