@@ -94,30 +94,6 @@ def _ggml_id(fmt: formats.Format) -> int:
         ) from None
 
 
-# Set to 1 to let pyllm_kv.load offload layers on a CUDA build anyway (see below).
-GPU_PYTHON_ENV = "PYLLM_KV_ALLOW_GPU_PYTHON"
-
-
-def _check_gpu_python(n_gpu_layers: int) -> None:
-    """Layers on the GPU through this function: on the CUDA build (H200,
-    2026-12-03) load() with n_gpu_layers > 0 crashed the process (SIGSEGV inside
-    llama_model_load_from_file) for every cache format, f16 included, while
-    llama-cpp-python's own Llama(..., n_gpu_layers=99) on the same libraries and the
-    bundled tools ran fine (bench/results/gpu-h200/py_gpu_check.txt). The cause is
-    not found yet; a segfault takes the caller's process down with it, so refuse up
-    front and name what works; the environment variable lets someone try it."""
-    if n_gpu_layers == 0 or os.environ.get(GPU_PYTHON_ENV) == "1":
-        return
-    if (_libs.lib_dir() / "libggml-cuda.so").is_file():
-        raise LlamaError(
-            "n_gpu_layers > 0 is refused by pyllm_kv.load on this CUDA build: it crashed the process "
-            "while loading the model with layers on the GPU (every cache format, f16 included; not "
-            "diagnosed yet). Run GPU work with the bundled tools (pyllm-kv bench --gpu; "
-            f"llama-completion, llama-perplexity in {_libs.bin_dir()}), use n_gpu_layers=0 (--ngl 0), "
-            f"or set {GPU_PYTHON_ENV}=1 to try anyway."
-        )
-
-
 _OVERFLOW_RE = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 
 
@@ -410,7 +386,6 @@ def load(
     info = read_model_info(path)  # ModelNotFound / InvalidModelFile
     fk, fv = validate_config(info, cache_k, cache_v, flash_attn)
     type_k, type_v = _ggml_id(fk), _ggml_id(fv)
-    _check_gpu_python(n_gpu_layers)
     if n_gpu_layers == 0:
         ctx = n_ctx or info.n_ctx_train
         checks.kv_fits_in_memory(kv_bytes_per_token(info, fk, fv) * ctx, ctx, f"K={fk.name} V={fv.name}")
