@@ -221,6 +221,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"ctx_train   {info.n_ctx_train}")
     print(f"vocab       {info.n_vocab}")
     print(f"chat tmpl   {'yes' if info.has_chat_template else 'no'}")
+    if info.n_swa:
+        n_sliding = sum(info.swa_layers) if info.swa_layers is not None else None
+        print(f"window      {info.n_swa} tokens on "
+              + (f"{n_sliding} of {info.n_layer} layers" if n_sliding is not None else "some layers (layout unknown)")
+              + " (iSWA; pyllm_kv.load keeps llama.cpp's full-size window cache unless swa_full=False)")
     print()
     header = ["format", "bits/value", "KV B/token", "MiB / 1k tokens"]
     if args.ctx:

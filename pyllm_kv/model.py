@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
-from . import _libs, checks, formats, squat_options
+from . import _libs, checks, formats, llama_log, squat_options
 from .errors import (
     ContextOverflow,
     DefaultModelMissing,
@@ -25,7 +25,7 @@ from .errors import (
     PyllmKvError,
 )
 from .squat_options import SquatOptions
-from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, read_model_info, side_state_bytes
+from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, kv_layout, read_model_info, side_state_bytes
 
 if TYPE_CHECKING:
     import numpy
@@ -115,6 +115,9 @@ class Model:
         # SQuat K or V: the settings its context was created with (rank, lam,
         # normalize, transform), else None. Session state files record them.
         self.squat_settings: Optional[Dict[str, Any]] = None
+        # (cells, layers) of every KV cache llama.cpp allocated (its log; an
+        # iSWA model has two); empty if unknown, then kv_layout's rule is used.
+        self.kv_caches: List[tuple] = []
 
     # ---- basics -----------------------------------------------------------------
 
@@ -289,14 +292,22 @@ class Model:
     def kv_report(self) -> Dict[str, Any]:
         """What the KV cache of this context costs, counted honestly.
 
-        ``kv_bytes_per_token`` includes per-layer side state spread over ``n_ctx``;
-        ``kv_bytes_total`` is what the cache of ``n_ctx`` tokens takes.
+        Counts what llama.cpp allocated: every cache (an iSWA model's sliding
+        layers hold the window, not n_ctx, unless swa_full), block scales and
+        the side state. ``kv_bytes_total`` is that total; ``kv_bytes_per_token``
+        is it over ``n_ctx``; ``bits_per_value`` is it over the K and V values
+        the caches hold when full.
         """
         n_ctx = self.n_ctx
         info, fk, fv = self.info, self.cache_k, self.cache_v
         side = side_state_bytes(info, fk, fv, (self.squat_settings or {}).get("transform", "hadamard"))
-        per_token = kv_bytes_per_token(info, fk, fv) + side / n_ctx
-        f16_per_token = kv_bytes_per_token(info, "f16", "f16")
+        caches = self.kv_caches or kv_layout(info, n_ctx)
+        cell_layers = sum(c * n for c, n in caches)
+        heads = info.n_head_kv  # per layer (models with per-layer counts: the largest)
+        n_k, n_v = heads * info.head_dim_k, heads * info.head_dim_v
+        rows = cell_layers * (fk.row_bytes(n_k) + fv.row_bytes(n_v))
+        total = rows + side
+        f16_total = cell_layers * 2 * (n_k + n_v)
         return {
             "model": Path(info.path).name,
             "cache_k": fk.name,
@@ -308,10 +319,12 @@ class Model:
             "n_head_kv": info.n_head_kv,
             "head_dim": info.head_dim_k,
             "head_dim_v": info.head_dim_v,
+            "kv_caches": [{"cells": c, "layers": n} for c, n in caches],
             "side_state_bytes": side,
-            "kv_bytes_per_token": per_token,
-            "kv_bytes_total": per_token * n_ctx,
-            "ratio_vs_f16": f16_per_token / per_token,
+            "kv_bytes_per_token": total / n_ctx,
+            "kv_bytes_total": total,
+            "bits_per_value": 8.0 * total / (cell_layers * (n_k + n_v)),
+            "ratio_vs_f16": f16_total / total,
             "flash_attn": self.flash_attn,
         }
 
@@ -368,6 +381,7 @@ def load(
     seed: int = 0,
     verbose: bool = False,
     squat: Optional[SquatOptions] = None,
+    swa_full: bool = True,
 ) -> Model:
     """Load a GGUF model with a KV cache of the given formats.
 
@@ -375,6 +389,10 @@ def load(
     ``cache_k``/``cache_v`` take names from ``pyllm_kv.formats`` (``pyllm-kv formats``).
     ``squat``: settings of the squat* key encoder (rank, lambda, ...), see
     :class:`pyllm_kv.SquatOptions`; ignored by other formats.
+    ``swa_full``: sliding-window (iSWA) models only: False keeps just the window
+    (plus a batch) for the sliding layers, as llama.cpp's own tools do; True
+    (llama-cpp-python's default) gives them the full context. kv_report counts
+    what was allocated either way.
     Everything that can be checked without llama.cpp is checked first.
     """
     if squat is not None and not isinstance(squat, SquatOptions):
@@ -396,7 +414,7 @@ def load(
         with squat_options.applied(squat):
             squat_settings = squat_options.from_environment()
     try:
-        with squat_options.applied(squat):
+        with squat_options.applied(squat), llama_log.captured() as log:
             llama = llama_cpp.Llama(
                 str(path),
                 type_k=type_k,
@@ -411,12 +429,14 @@ def load(
                 n_threads_batch=n_threads,
                 seed=seed,
                 verbose=verbose,
+                swa_full=bool(swa_full),
             )
     except ValueError as exc:  # "Failed to load model from file", "Failed to create llama_context"
+        why = log.failure()
         raise LlamaError(
             f"llama.cpp could not load {path} with cache K={fk.name} V={fv.name} "
-            f"(flash_attn={flash_attn}, n_ctx={n_ctx}, n_gpu_layers={n_gpu_layers}): {exc}. "
-            "Run again with verbose=True (--verbose) to see llama.cpp's log."
+            f"(flash_attn={flash_attn}, n_ctx={n_ctx}, n_gpu_layers={n_gpu_layers}): {exc}"
+            + (f": {why}" if why else "") + ". Run again with verbose=True (--verbose) to see llama.cpp's log."
         ) from exc
     # llama.cpp rounds n_ctx up to a multiple of 256, but llama-cpp-python sizes its
     # record of evaluated tokens by the requested n_ctx, and numpy silently drops the
@@ -427,4 +447,5 @@ def load(
         llama.input_ids.resize(llama.n_ctx(), refcheck=False)
     model = Model(llama, info, fk, fv, flash_attn, seed)
     model.squat_settings = squat_settings
+    model.kv_caches = log.kv_caches()
     return model
