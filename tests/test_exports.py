@@ -42,14 +42,20 @@ def test_backend_libraries_export_only_their_c_api(lib_dir):
 
 
 def test_main_job_after_cpp_extension_and_global_libstdcxx(lib_dir, model_path):
-    """A user who imports a C++ extension (here matplotlib's, pybind11) and maps
+    """A user who imports a C++ extension (matplotlib's pybind11 module, or torch) and maps
     libstdc++ globally before pyllm_kv gets the same tokens as a clean process.
     On a CUDA build this runs with every layer on the GPU."""
     gpu = (lib_dir / "libggml-cuda.so").is_file()
     code = textwrap.dedent(f"""
         import ctypes, ctypes.util, sys
         ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
-        import matplotlib._path            # a C++ extension module
+        import importlib
+        for name in ("matplotlib._path", "torch", "numpy"):   # a C++ extension module, whichever exists
+            try:
+                importlib.import_module(name)
+                break
+            except ImportError:
+                pass
         from pyllm_kv.model_info import read_model_info
         read_model_info({str(model_path)!r})   # gguf-py first, as load() does
         import pyllm_kv
