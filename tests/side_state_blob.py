@@ -3,7 +3,7 @@
 llama.cpp writes each KV cache's cells and then, for cache types with side
 state, our blob (native/llama/side_state.cpp, "session state", version 3):
 a u64 size, then the header (magic "PKVS", version, slot count, settings) and
-per slot (il, is_v, method) plus the method's bytes. An iSWA model has two
+per slot (il, is_v, method, byte count) plus the method's bytes. An iSWA model has two
 caches, so two blobs. This parser lets tests check what the native side state
 holds (which layers, fitted or not) without a debugging API in the library.
 """
@@ -16,12 +16,8 @@ from typing import Dict, List
 MAGIC = b"PKVS"
 VERSION = 3
 HEADER = struct.Struct("<4sIIIIIIIIf")  # magic, version, n_slots, deco g, variant, hadamard, rank, norm, on_deco, lambda
-SLOT = struct.Struct("<III")
-METHODS = {1: "deco", 2: "squat"}
-
-
-def _pad4(n: int) -> int:
-    return (n + 3) & ~3
+SLOT = struct.Struct("<IIII")  # il, is_v, method, bytes
+METHODS = {1: "deco", 2: "squat", 3: "center"}
 
 
 def parse_blob(buf: bytes, off: int) -> "tuple[List[Dict], int]":
@@ -31,18 +27,15 @@ def parse_blob(buf: bytes, off: int) -> "tuple[List[Dict], int]":
     p = off + HEADER.size
     slots = []
     for _ in range(n_slots):
-        il, is_v, method = SLOT.unpack_from(buf, p)
+        il, is_v, method, nbytes = SLOT.unpack_from(buf, p)
         p += SLOT.size
         name = METHODS[method]
-        if name == "deco":
-            (fitted,) = struct.unpack_from("<I", buf, p)
-            p += 4 + 3 * g * g * 4
-            heads = [bool(fitted)]
-        else:
-            n_head, d = struct.unpack_from("<II", buf, p)
-            p += 8
-            heads = [bool(b) for b in buf[p:p + n_head]]
-            p += _pad4(n_head) + _pad4(n_head * (d * (d + 1) // 2) * 2)
+        if name == "squat":  # u32 n_head, u32 d, a fitted flag per head, U
+            n_head, _d = struct.unpack_from("<II", buf, p)
+            heads = [bool(b) for b in buf[p + 8:p + 8 + n_head]]
+        else:                # deco, center: u32 fitted, then the matrices / the mean
+            heads = [bool(struct.unpack_from("<I", buf, p)[0])]
+        p += nbytes
         slots.append({"il": il, "v": bool(is_v), "method": name, "fitted": all(heads), "heads": len(heads)})
     return slots, p
 

@@ -37,6 +37,10 @@ struct side_settings {
     float squat_lambda    = 100.0f;
     bool  squat_normalize = true;
     bool  squat_on_deco   = false; // squat* types get the deco transform instead of Hadamard
+    // Centering (PYLLM_KV_CENTER = k, v or kv): subtract the prompt's mean row
+    // from K and/or V rows of our types before they are stored
+    bool center_k = false;
+    bool center_v = false;
 };
 
 // One layer's K (or V) as the cache allocates it.
@@ -114,6 +118,7 @@ void upload(ggml_tensor * t, const void * data, size_t n);
 // problem for a layer they cannot serve (head size, ...).
 std::unique_ptr<slot> make_deco_slot(const side_settings & st, const layer_shape & sh);
 std::unique_ptr<slot> make_squat_slot(const side_settings & st, const layer_shape & sh);
+std::unique_ptr<slot> make_center_slot(const side_settings & st, const layer_shape & sh);
 
 // Every fit, reset and restore moves this process-wide counter: llama.cpp may
 // reuse a graph only if it did not move since the graph was built (a graph

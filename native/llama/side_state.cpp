@@ -24,34 +24,38 @@ namespace {
 
 // ---- which methods a cache type stacks on its rows (in order) ----------------
 
-enum class method : uint32_t { deco = 1, squat = 2 };
+enum class method : uint32_t { deco = 1, squat = 2, center = 3 };
 
+// Order: a transform of the rows (deco), then centering in that domain, then an
+// encoder that writes the rows (squat). V: attn_out runs the stack backwards.
 std::vector<method> stack_for(ggml_type t, bool is_v, const pkv::side_settings & st) {
-    if (PKV_GGML_IS_DECO(t)) {
-        return { method::deco };
+    std::vector<method> out;
+    const bool squat = PKV_GGML_IS_SQUAT(t);
+    // deco* types; squat* on the DecoQuant transform (K, and V, which is then deco storage)
+    if (PKV_GGML_IS_DECO(t) || (squat && st.squat_on_deco)) {
+        out.push_back(method::deco);
     }
-    if (PKV_GGML_IS_SQUAT(t)) {
-        // SQuat encodes keys; as V a squat type is plain kv storage, or deco
-        // storage when SQuat runs on the DecoQuant transform
-        if (is_v) {
-            return st.squat_on_deco ? std::vector<method>{ method::deco } : std::vector<method>{};
-        }
-        return st.squat_on_deco ? std::vector<method>{ method::deco, method::squat }
-                                : std::vector<method>{ method::squat };
+    if (PKV_GGML_IS_OURS(t) && (is_v ? st.center_v : st.center_k)) {
+        out.push_back(method::center);
     }
-    return {};
+    // SQuat encodes keys; as V a squat type is plain kv storage
+    if (squat && !is_v) {
+        out.push_back(method::squat);
+    }
+    return out;
 }
 
 std::unique_ptr<pkv::slot> make_slot(method m, const pkv::side_settings & st, const pkv::layer_shape & sh) {
     switch (m) {
         case method::deco:  return pkv::make_deco_slot(st, sh);
         case method::squat: return pkv::make_squat_slot(st, sh);
+        case method::center: return pkv::make_center_slot(st, sh);
     }
     throw std::runtime_error("pyllm-kv: unknown side-state method");
 }
 
 const char * method_name(method m) {
-    return m == method::deco ? "DecoQuant" : "SQuat";
+    return m == method::deco ? "DecoQuant" : m == method::squat ? "SQuat" : "centering";
 }
 
 // ---- settings from the environment ---------------------------------------------
@@ -104,6 +108,12 @@ pkv::side_settings read_settings(bool squat) {
     }
     st.deco_variant  = vs == "whiten" ? PKV_DECO_WHITEN : PKV_DECO_ROTATE;
     st.deco_hadamard = env_bool("PYLLM_KV_DECO_HADAMARD", "0");
+    const std::string c = env_str("PYLLM_KV_CENTER", "none");
+    if (c != "none" && c != "k" && c != "v" && c != "kv") {
+        throw std::runtime_error("pyllm-kv: PYLLM_KV_CENTER must be 'none', 'k', 'v' or 'kv', got '" + c + "'");
+    }
+    st.center_k = c == "k" || c == "kv";
+    st.center_v = c == "v" || c == "kv";
     return st;
 }
 
@@ -195,10 +205,11 @@ struct side_header {
     uint32_t squat_rank, squat_normalize, squat_on_deco;
     float    squat_lambda;
 };
+// (centering has no settings beyond which stacks hold it: the slot headers say)
 
-// per slot in a state blob, before the method's own bytes
+// per slot in a state blob, before the method's own bytes (their count: bytes)
 struct slot_header {
-    uint32_t il, is_v, method;
+    uint32_t il, is_v, method, bytes;
 };
 
 } // namespace
@@ -227,8 +238,7 @@ struct pkv_side_state {
 
 pkv_side_state * pkv_side_create(ggml_type type_k, ggml_type type_v, int n_layer) {
     const bool squat = PKV_GGML_IS_SQUAT(type_k) || PKV_GGML_IS_SQUAT(type_v);
-    const bool deco  = PKV_GGML_IS_DECO(type_k) || PKV_GGML_IS_DECO(type_v);
-    if (!squat && !deco) {
+    if (!PKV_GGML_IS_OURS(type_k) && !PKV_GGML_IS_OURS(type_v)) {
         return nullptr;
     }
     auto s = std::unique_ptr<pkv_side_state>(new pkv_side_state());
@@ -258,7 +268,8 @@ pkv_side_state * pkv_side_create(ggml_type type_k, ggml_type type_v, int n_layer
     describe("K", s->stack_k);
     describe("V", s->stack_v);
     char buf[256];
-    snprintf(buf, sizeof(buf), "DecoQuant group %d, variant %s, Hadamard %s; SQuat rank %d, lambda %g%s, on the %s transform",
+    snprintf(buf, sizeof(buf), "centering %s%s; DecoQuant group %d, variant %s, Hadamard %s; SQuat rank %d, lambda %g%s, on the %s transform",
+             s->st.center_k ? "K" : "", s->st.center_v ? "V" : (s->st.center_k ? "" : "off"),
              s->st.deco_group, s->st.deco_variant == PKV_DECO_WHITEN ? "whiten" : "rotate",
              s->st.deco_hadamard ? "kept" : "replaced", s->st.squat_rank, (double) s->st.squat_lambda,
              s->st.squat_normalize ? " (normalised)" : "", s->st.squat_on_deco ? "DecoQuant" : "Hadamard");
@@ -428,7 +439,8 @@ ggml_tensor * pkv_side_kshift_redo(ggml_context * ctx, pkv_side_state * s, int i
 //
 // Layout (version 3), all little-endian as in memory:
 //   side_header
-//   per slot (layers in order, K stack then V stack): slot_header, the method's bytes
+//   per slot (layers in order, K stack then V stack): slot_header (layer, K/V,
+//   method, byte count), the method's bytes
 
 namespace {
 side_header header_of(const pkv_side_state * s) {
@@ -457,7 +469,7 @@ void pkv_side_state_get(const pkv_side_state * s, uint8_t * dst) {
     const side_header h = header_of(s);
     w.put(&h, sizeof(h));
     s->for_each_slot([&w](int il, bool is_v, const side_slot_ref & r) {
-        const slot_header sh = { (uint32_t) il, is_v ? 1u : 0u, (uint32_t) r.m };
+        const slot_header sh = { (uint32_t) il, is_v ? 1u : 0u, (uint32_t) r.m, (uint32_t) r.s->state_size() };
         w.put(&sh, sizeof(sh));
         r.s->state_write(w);
     });
@@ -499,8 +511,10 @@ const char * pkv_side_state_set(pkv_side_state * s, const uint8_t * src, size_t 
             slot_header sh;
             if (!r.get(&sh, sizeof(sh))) {
                 err = "pyllm-kv: side state in the state is truncated";
-            } else if (sh.il != (uint32_t) il || sh.is_v != (is_v ? 1u : 0u) || sh.method != (uint32_t) ref.m) {
-                err = "pyllm-kv: side state in the state is for other cache types or layers (different model or formats?)";
+            } else if (sh.il != (uint32_t) il || sh.is_v != (is_v ? 1u : 0u) || sh.method != (uint32_t) ref.m ||
+                       sh.bytes != ref.s->state_size()) {
+                err = "pyllm-kv: side state in the state is for other cache types, settings or layers "
+                      "(different model or formats?)";
             } else {
                 err = ref.s->state_read(r, replace, commit);
             }
