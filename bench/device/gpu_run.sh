@@ -61,6 +61,13 @@ if [ "$STAGE" = build ]; then
          "$(grep -E 'tests passed' /tmp/tbo.log)" >> $LOG
     grep -B1 -A3 FAIL /tmp/tbo.log | head -20 >> $LOG
   done
+  # the Python API on the GPU on random-weight models (no real model here yet)
+  export PYLLM_KV_CORPUS=/nonexistent
+  (timeout 150 python3 bench/device/gpu_smoke.py) > $OUT/gpu_smoke.log 2>&1
+  echo "gpu_smoke rc=$? at ${SECONDS}s" >> $LOG; grep -E "gguf|FAILED|Error" $OUT/gpu_smoke.log | head -20 >> $LOG
+  # then as much of the bench as fits (the py stage runs the rest)
+  [ $((SECONDS + 90)) -lt "$LIMIT" ] && FORMATS=${FORMATS:-f16/f16 kv4/kv4 squat4/kv4 deco4/kv4 q4_0/q4_0} \
+      GPU_RUN_LIMIT=$((LIMIT - SECONDS)) bash bench/device/gpu_run.sh bench-only
 elif [ "$STAGE" = py ]; then
   cat /tmp/smol.aa .carry2/smol.ab > $M
   echo "model md5 $(md5sum < $M | cut -d' ' -f1) expected $(cat .carry2/smol.md5)" > $LOG
@@ -84,21 +91,25 @@ elif [ "$STAGE" = py ]; then
       done
     done
   done
-elif [ "$STAGE" = bench ]; then
+  [ $((SECONDS + 90)) -lt "$LIMIT" ] && GPU_RUN_LIMIT=$((LIMIT - SECONDS)) bash bench/device/gpu_run.sh bench-only
+elif [ "$STAGE" = bench ] || [ "$STAGE" = bench-only ]; then
   FORMATS=${FORMATS:-f16/f16 q4_0/q4_0 kv4/kv4 squat4/kv4 deco4/kv4}
   DEPTHS=${DEPTHS:-0,8192,32768}
-  nvidia-smi --query-gpu=name --format=csv,noheader > $LOG
-  export PYLLM_KV_CORPUS=/tmp/devil.dict.dz
-  python3 bench/make_shape_model.py --preset ${SHAPE:-llama8b} --out /tmp/shape.gguf > /tmp/shape.log 2>&1 || tail -3 /tmp/shape.log >> $LOG
+  [ "$STAGE" = bench ] && nvidia-smi --query-gpu=name --format=csv,noheader > $LOG
+  [ -f /tmp/shape.gguf ] || python3 bench/make_shape_model.py --preset ${SHAPE:-llama8b} --out /tmp/shape.gguf \
+      > /tmp/shape.log 2>&1 || tail -3 /tmp/shape.log >> $LOG
   for kv in $FORMATS; do
     k=${kv%/*}; v=${kv#*/}
     [ $((SECONDS + 60)) -lt "$LIMIT" ] || { echo "out of time before $kv" >> $LOG; break; }
+    mkdir -p /tmp/bench; [ -f /tmp/bench/${k}_${v}.done ] && continue
     splits=$(timeout 60 $B/bin/llama-bench -v -m /tmp/shape.gguf -ngl 99 -fa 1 -ctk $k -ctv $v -p 0 -n 1 -r 1 2>&1 \
              | grep -m1 -oE "graph splits = .*")
     timeout 200 $B/bin/llama-bench -m /tmp/shape.gguf -ngl 99 -fa 1 -ctk $k -ctv $v -p ${PP:-2048} -n 64 -d $DEPTHS \
-        -r ${REPS:-2} -o md > $OUT/bench_${k}_${v}.md 2> $OUT/bench_${k}_${v}.err
-    echo "== $k/$v rc=$? ($splits) at ${SECONDS}s" >> $LOG
-    grep -E "^\|" $OUT/bench_${k}_${v}.md | tail -n +3 >> $LOG
+        -r ${REPS:-2} -o md > /tmp/bench/${k}_${v}.md 2> /tmp/bench/${k}_${v}.err
+    rc=$?; echo "== $k/$v rc=$rc ($splits) at ${SECONDS}s" >> $LOG
+    [ $rc = 0 ] && touch /tmp/bench/${k}_${v}.done
+    grep -E "^\|" /tmp/bench/${k}_${v}.md | tail -n +3 >> $LOG
   done
 fi
-cat $LOG
+mkdir -p $OUT/bench && cp /tmp/bench/*.md $OUT/bench/ 2>/dev/null
+[ "$STAGE" = bench-only ] || cat $LOG
