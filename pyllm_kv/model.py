@@ -115,6 +115,8 @@ class Model:
         # SQuat K or V: the settings its context was created with (rank, lam,
         # normalize, transform), else None. Session state files record them.
         self.squat_settings: Optional[Dict[str, Any]] = None
+        # the side-state settings its context was created with (any format of ours)
+        self.side_settings: Optional[Dict[str, Any]] = None
         # (cells, layers) of every KV cache llama.cpp allocated (its log; an
         # iSWA model has two); empty if unknown, then kv_layout's rule is used.
         self.kv_caches: List[tuple] = []
@@ -300,7 +302,8 @@ class Model:
         """
         n_ctx = self.n_ctx
         info, fk, fv = self.info, self.cache_k, self.cache_v
-        side = side_state_bytes(info, fk, fv, (self.squat_settings or {}).get("transform", "hadamard"))
+        st = self.side_settings or {}
+        side = side_state_bytes(info, fk, fv, st.get("transform", "hadamard"), st.get("center", "auto"))
         caches = self.kv_caches or kv_layout(info, n_ctx)
         cell_layers = sum(c * n for c, n in caches)
         heads = info.n_head_kv  # per layer (models with per-layer counts: the largest)
@@ -409,10 +412,11 @@ def load(
         checks.kv_fits_in_memory(kv_bytes_per_token(info, fk, fv) * ctx, ctx, f"K={fk.name} V={fv.name}")
 
     llama_cpp = _libs.llama_cpp()
-    squat_settings = None
-    if "squat" in (fk.side_state_kind, fv.side_state_kind):
+    side_settings = None
+    if fk.is_ours or fv.is_ours:
         with squat_options.applied(squat):
-            squat_settings = squat_options.from_environment()
+            side_settings = squat_options.from_environment()
+    squat_settings = side_settings if "squat" in (fk.side_state_kind, fv.side_state_kind) else None
     try:
         with squat_options.applied(squat), llama_log.captured() as log:
             llama = llama_cpp.Llama(
@@ -447,5 +451,6 @@ def load(
         llama.input_ids.resize(llama.n_ctx(), refcheck=False)
     model = Model(llama, info, fk, fv, flash_attn, seed)
     model.squat_settings = squat_settings
+    model.side_settings = side_settings
     model.kv_caches = log.kv_caches()
     return model

@@ -198,11 +198,12 @@ def _kv_values_per_token(info: ModelInfo) -> "tuple[int, int]":
 
 
 def side_state_bytes(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str | formats.Format",
-                     squat_transform: str = "hadamard") -> int:
+                     squat_transform: str = "hadamard", center: str = "auto") -> int:
     """Per-sequence side state (transforms etc.) of the whole model: O(layers), not O(tokens).
 
     ``squat_transform="deco"`` (SQuat on the DecoQuant transform) adds DecoQuant's
-    matrices for every squat K or V."""
+    matrices for every squat K or V. ``center``: the centering setting
+    (squat_options.CENTERS): a float32 center row per layer for each centred side."""
     k, v = formats.resolve(fmt_k), formats.resolve(fmt_v)
     total = info.n_layer * (k.side_state_bytes + v.side_state_bytes)
     if squat_transform == "deco":
@@ -210,6 +211,9 @@ def side_state_bytes(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str
     if k.side_state_kind == "squat":  # K only: SQuat as V is the plain format
         d = info.head_dim_k  # packed upper triangle of U, fp16 (pkv_squat_pack)
         total += _kv_heads(info) * (d * (d + 1) // 2) * 2
+    center_k = k.is_ours and (center in ("k", "kv") or (center == "auto" and k.side_state_kind == "squat"))
+    center_v = v.is_ours and center in ("v", "kv")
+    total += 4 * _kv_heads(info) * (info.head_dim_k * center_k + info.head_dim_v * center_v)
     return total
 
 

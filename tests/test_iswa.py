@@ -104,8 +104,9 @@ def test_every_layer_of_both_caches_fitted(gload, fmt):
     m.llama.eval(PROMPT_TOKENS[:40])
     blobs = side_blobs(_state(m))
     assert len(blobs) == 2, "one side state per cache of the iSWA pair"
-    layers = sorted(s["il"] for blob in blobs for s in blob if not s["v"])
-    assert layers == [0, 1, 2, 3]
+    assert sorted({s["il"] for blob in blobs for s in blob if not s["v"]}) == [0, 1, 2, 3]
+    want = {"squat4": {"center", "squat"}, "deco4": {"deco"}}[fmt]   # squat keys are centred (auto)
+    assert {s["method"] for blob in blobs for s in blob if not s["v"]} == want
     assert {s["il"] for s in blobs[1]} <= {0, 2} or {s["il"] for s in blobs[0]} <= {0, 2}
     for blob in blobs:
         assert blob and all(s["fitted"] for s in blob), blob

@@ -37,8 +37,11 @@ struct side_settings {
     float squat_lambda    = 100.0f;
     bool  squat_normalize = true;
     bool  squat_on_deco   = false; // squat* types get the deco transform instead of Hadamard
-    // Centering (PYLLM_KV_CENTER = k, v or kv): subtract the prompt's mean row
-    // from K and/or V rows of our types before they are stored
+    // Centering (PYLLM_KV_CENTER): subtract the prompt's center row from K
+    // and/or V rows of our types before they are stored. "auto" (default): the
+    // keys of squat* types (measured: docs/quality.md); "none", "k", "v", "kv":
+    // as named, for every type of ours.
+    bool center_auto = true;
     bool center_k = false;
     bool center_v = false;
 };

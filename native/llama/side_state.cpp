@@ -35,7 +35,7 @@ std::vector<method> stack_for(ggml_type t, bool is_v, const pkv::side_settings &
     if (PKV_GGML_IS_DECO(t) || (squat && st.squat_on_deco)) {
         out.push_back(method::deco);
     }
-    if (PKV_GGML_IS_OURS(t) && (is_v ? st.center_v : st.center_k)) {
+    if (PKV_GGML_IS_OURS(t) && ((is_v ? st.center_v : st.center_k) || (st.center_auto && squat && !is_v))) {
         out.push_back(method::center);
     }
     // SQuat encodes keys; as V a squat type is plain kv storage
@@ -108,10 +108,11 @@ pkv::side_settings read_settings(bool squat) {
     }
     st.deco_variant  = vs == "whiten" ? PKV_DECO_WHITEN : PKV_DECO_ROTATE;
     st.deco_hadamard = env_bool("PYLLM_KV_DECO_HADAMARD", "0");
-    const std::string c = env_str("PYLLM_KV_CENTER", "none");
-    if (c != "none" && c != "k" && c != "v" && c != "kv") {
-        throw std::runtime_error("pyllm-kv: PYLLM_KV_CENTER must be 'none', 'k', 'v' or 'kv', got '" + c + "'");
+    const std::string c = env_str("PYLLM_KV_CENTER", "auto");
+    if (c != "auto" && c != "none" && c != "k" && c != "v" && c != "kv") {
+        throw std::runtime_error("pyllm-kv: PYLLM_KV_CENTER must be 'auto', 'none', 'k', 'v' or 'kv', got '" + c + "'");
     }
+    st.center_auto = c == "auto";
     st.center_k = c == "k" || c == "kv";
     st.center_v = c == "v" || c == "kv";
     return st;
@@ -267,9 +268,10 @@ pkv_side_state * pkv_side_create(ggml_type type_k, ggml_type type_v, int n_layer
     };
     describe("K", s->stack_k);
     describe("V", s->stack_v);
-    char buf[256];
-    snprintf(buf, sizeof(buf), "centering %s%s; DecoQuant group %d, variant %s, Hadamard %s; SQuat rank %d, lambda %g%s, on the %s transform",
-             s->st.center_k ? "K" : "", s->st.center_v ? "V" : (s->st.center_k ? "" : "off"),
+    char buf[320];
+    snprintf(buf, sizeof(buf), "centering %s%s%s; DecoQuant group %d, variant %s, Hadamard %s; SQuat rank %d, lambda %g%s, on the %s transform",
+             s->st.center_auto ? "auto (SQuat keys)" : "", s->st.center_k ? "K" : "",
+             s->st.center_v ? "V" : (s->st.center_k || s->st.center_auto ? "" : "off"),
              s->st.deco_group, s->st.deco_variant == PKV_DECO_WHITEN ? "whiten" : "rotate",
              s->st.deco_hadamard ? "kept" : "replaced", s->st.squat_rank, (double) s->st.squat_lambda,
              s->st.squat_normalize ? " (normalised)" : "", s->st.squat_on_deco ? "DecoQuant" : "Hadamard");
