@@ -77,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     h.add_argument("--server-args", metavar="ARGS", default="",
                    help="more llama-server options, as one quoted string (e.g. \"--api-key KEY\")")
     h.add_argument("--dry-run", action="store_true", help="check and print the llama-server command, do not start it")
-    parser.add_argument("--verbose", "-v", action="store_true", help="show llama-server's full log")
+    # SUPPRESS: without it here, `pyllm-kv -v serve` (the flag before the command) decides
+    parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="show llama-server's full log")
     return parser
 
 
@@ -148,7 +150,7 @@ def plan(args: argparse.Namespace) -> ServerPlan:
         argv += ["--threads", str(args.threads), "--threads-batch", str(args.threads)]
     if args.ui_dir is not None:
         argv += ["--path", str(Path(args.ui_dir).resolve())]
-    if args.verbose:
+    if getattr(args, "verbose", False):
         argv += ["--verbose"]
     argv += shlex.split(args.server_args)
 
