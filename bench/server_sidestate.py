@@ -122,7 +122,11 @@ def _code_text() -> str:
     return inspect.getsource(textwrap)
 
 
-def measure(model: Optional[str], fmts: str, ctx: int, chunks: int, n_threads: int) -> Dict:
+SCENARIOS = ("self", "after:text", "after:code", "after:short")
+
+
+def measure(model: Optional[str], fmts: str, ctx: int, chunks: int, n_threads: int,
+            scenario_names=SCENARIOS, on_chunk=None) -> Dict:
     path = Path(model) if model else default_model_path()
     info = read_model_info(path)
     bench = Bench(path, ctx, n_threads)
@@ -139,11 +143,20 @@ def measure(model: Optional[str], fmts: str, ctx: int, chunks: int, n_threads: i
 
     code = bench.tokenize(_code_text())[:ctx]
     short = bench.tokenize(SHORT_PROMPT)
-    scenarios = {"self": None, "after:text": "text", "after:code": code, "after:short": short}
+    every = {"self": None, "after:text": "text", "after:code": code, "after:short": short}
+    unknown = set(scenario_names) - set(every)
+    if unknown or "self" not in scenario_names:
+        raise SystemExit(f"scenarios: 'self' plus any of {', '.join(SCENARIOS[1:])}; got {unknown or 'no self'}")
+    scenarios = {s: every[s] for s in SCENARIOS if s in scenario_names}
     pairs = parse_formats(fmts)
     ref_ctx = bench.context("f16", "f16")
     ctxs = {label: bench.context(k, v) for label, k, v in pairs}
     acc = {(label, s): Accumulator() for label, _, _ in pairs for s in scenarios}
+    meta = {"model": str(path), "model_name": info.name, "ctx": ctx,
+            "scored_positions": f"{ctx // 2}..{ctx - 2}", "text": corpus.describe(),
+            "a_code": "Python's textwrap.py source, first ctx tokens", "a_short_tokens": int(len(short)),
+            "n_threads": n_threads, "lib_dir": str(_libs.lib_dir()),
+            "squat_env": {k: v for k, v in os.environ.items() if k.startswith("PYLLM_KV_")}}
     t0 = time.perf_counter()
     for j in range(chunks):
         b = chunk(j)
@@ -154,6 +167,14 @@ def measure(model: Optional[str], fmts: str, ctx: int, chunks: int, n_threads: i
                 a_tok = chunk(j + n_avail // 2) if isinstance(a, str) else a
                 acc[(label, s)].add(compare(ref, bench.run_b(ctxs[label], b, a_tok)))
         print(f"chunk {j + 1}/{chunks} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        if on_chunk is not None:  # a long run keeps what it has measured so far
+            on_chunk({**meta, **_report(pairs, scenarios, acc, j + 1), "elapsed_s": time.perf_counter() - t0})
+    for c in [ref_ctx, *ctxs.values()]:
+        bench.L.llama_free(c)
+    return {**meta, **_report(pairs, scenarios, acc, chunks), "elapsed_s": time.perf_counter() - t0}
+
+
+def _report(pairs, scenarios, acc, chunks_done: int) -> Dict:
     rows = []
     for label, k, v in pairs:
         base = acc[(label, "self")].summary()
@@ -163,14 +184,7 @@ def measure(model: Optional[str], fmts: str, ctx: int, chunks: int, n_threads: i
                          "kld_mean": sm["kld_mean"], "kld_se": sm.get("kld_mean_se"),
                          "kld_p99": sm.get("kld_p99"), "top1": sm.get("top1"),
                          "ratio_vs_self": (sm["kld_mean"] / base["kld_mean"]) if base["kld_mean"] else None})
-    for c in [ref_ctx, *ctxs.values()]:
-        bench.L.llama_free(c)
-    return {"tool": "bench/server_sidestate.py", "model": str(path), "model_name": info.name,
-            "ctx": ctx, "chunks": chunks, "scored_positions": f"{ctx // 2}..{ctx - 2}",
-            "text": corpus.describe(), "a_code": "Python's textwrap.py source, first ctx tokens",
-            "a_short_tokens": int(len(short)), "n_threads": n_threads, "lib_dir": str(_libs.lib_dir()),
-            "squat_env": {k: v for k, v in os.environ.items() if k.startswith("PYLLM_KV_")},
-            "elapsed_s": time.perf_counter() - t0, "rows": rows}
+    return {"tool": "bench/server_sidestate.py", "chunks": chunks_done, "rows": rows}
 
 
 def table(res: Dict) -> str:
@@ -193,9 +207,19 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help=f"which A to put before B: self plus any of {', '.join(SCENARIOS[1:])}")
     ap.add_argument("--out", default=None, help="write the JSON result here")
+    ap.add_argument("--table", metavar="JSON", help="only print the table of a result file (a partial one too)")
     a = ap.parse_args(argv)
-    res = measure(a.model, a.formats, a.ctx, a.chunks, a.threads)
+    if a.table:
+        print(table(json.loads(Path(a.table).read_text())))
+        return 0
+    partial = None
+    if a.out:
+        def partial(r: Dict) -> None:
+            Path(a.out).write_text(json.dumps({**r, "partial": True}, indent=1) + "\n")
+    res = measure(a.model, a.formats, a.ctx, a.chunks, a.threads, a.scenarios.split(","), partial)
     print(table(res))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1) + "\n")

@@ -157,8 +157,9 @@ def plan(args: argparse.Namespace) -> ServerPlan:
     base = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     side = ""
     if fk.side_state_kind or fv.side_state_kind or fk.shared_side_state or fv.shared_side_state:
-        side = ("\n  side state: fitted on the first prompt that reaches an empty cache, shared by "
-                "all slots (docs/server.md)")
+        side = ("\n  side state: fitted on the first request after start-up and kept by every slot while "
+                "any holds cells;\n  a short first request costs quality for all (docs/server.md, 'Side state "
+                "under a server')")
     summary = (f"pyllm-kv serve: {path.name} ({info.arch}), K={fk.name} ({fk.bits:g} b/v) "
                f"V={fv.name} ({fv.bits:g} b/v), flash_attn={'on' if flash_attn else 'off'}\n"
                f"  {parallel} slots x {ctx} tokens, KV cache {kv_bytes / 2**20:.1f} MiB{side}\n"

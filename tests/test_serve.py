@@ -43,7 +43,7 @@ def test_default_host_is_loopback():
     assert (args.port, args.parallel) == (serve.DEFAULT_PORT, serve.DEFAULT_PARALLEL)
 
 
-def _cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def _cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pyllm_kv.cli", "serve", *argv], capture_output=True,
                           text=True, timeout=timeout, check=False)
 
@@ -99,7 +99,7 @@ class Server:
     def __init__(self, *argv: str):
         self.port = _free_port()
         self.log = tempfile.NamedTemporaryFile("w+", prefix="pyllm-kv-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "pyllm_kv.cli", "serve", *argv, "--port", str(self.port), "--threads", "2"]
+        cmd = [sys.executable, "-m", "pyllm_kv.cli", "serve", *argv, "--port", str(self.port), "--threads", "1"]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def tail(self, n: int = 3000) -> str:
@@ -264,15 +264,19 @@ def test_two_slots_at_once(server):
     assert [results[i]["choices"][0]["message"]["content"] for i in range(2)] == alone
 
 
-def test_bad_json_is_a_4xx_and_serving_goes_on(server):
+def test_malformed_json_is_an_error_and_serving_goes_on(server):
+    """Upstream llama-server answers a body that is not JSON with an OpenAI-style error
+    object, status 500 (its handler counts a JSON parse exception as a server error;
+    docs/server.md), and keeps serving."""
     conn = http.client.HTTPConnection(HOST, server.port, timeout=REQUEST_TIMEOUT)
     try:
         conn.request("POST", "/v1/chat/completions", body="{not json", headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
-        assert 400 <= resp.status < 500
-        assert "error" in json.loads(resp.read())
+        status, body = resp.status, json.loads(resp.read())
     finally:
         conn.close()
+    assert status in (400, 500)
+    assert "parse" in body["error"]["message"]
     assert _chat(server)["choices"][0]["message"]["content"].strip()
 
 
