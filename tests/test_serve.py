@@ -93,6 +93,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it if the test process dies, even by SIGKILL
+    (a killed pytest must not leave a server behind). Linux; kept across exec."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Server:
     """`pyllm-kv serve ...` as a child process, its log in a temp file."""
 
@@ -100,7 +111,8 @@ class Server:
         self.port = _free_port()
         self.log = tempfile.NamedTemporaryFile("w+", prefix="pyllm-kv-serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "pyllm_kv.cli", "serve", *argv, "--port", str(self.port), "--threads", "1"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
 
     def tail(self, n: int = 3000) -> str:
         self.log.flush()
@@ -214,6 +226,16 @@ def test_chat_completion(server):
     assert choice["message"]["content"].strip()
     assert 0 < out["usage"]["completion_tokens"] <= MAX_TOKENS
     assert choice["finish_reason"] in ("length", "stop")
+
+
+def test_chat_equals_pyllm_kv_load(server):
+    """Greedy: the server answers what pyllm_kv.load(...).chat(...) answers for the same
+    messages, formats (kv4/kv4) and chat template (the GGUF's)."""
+    import pyllm_kv
+
+    with pyllm_kv.load(cache_k="kv4", cache_v="kv4", n_ctx=512, n_threads=1) as m:
+        expected = m.chat(MESSAGES, max_tokens=MAX_TOKENS)
+    assert _chat(server)["choices"][0]["message"]["content"] == expected
 
 
 def test_streaming_chat_equals_non_streaming(server):
