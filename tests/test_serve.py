@@ -203,7 +203,9 @@ def server(lib_dir, model_path, require_format):
 
 def _chat(srv: Server, messages: List[Dict[str, str]] = MESSAGES) -> Dict[str, Any]:
     status, out = srv.request("POST", "/v1/chat/completions",
-                              {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0})
+                              # clients must send some model name; one model is served, any name reaches it
+                              {"model": "any-name", "messages": messages, "max_tokens": MAX_TOKENS,
+                               "temperature": 0})
     assert status == 200, out
     return out
 
