@@ -6,6 +6,7 @@
     pyllm-kv info [MODEL]
     pyllm-kv eval ...     (pyllm_kv.eval)
     pyllm-kv bench ...    (pyllm_kv.bench)
+    pyllm-kv serve ...    (pyllm_kv.serve: llama-server, OpenAI-compatible)
 
 Errors the user can fix (PyllmKvError) are printed as one line,
 ``pyllm-kv: error: ...``, with exit code 2 (argparse's convention), no traceback.
@@ -29,6 +30,7 @@ PROG = "pyllm-kv"
 _PLUGINS: Dict[str, Tuple[str, str]] = {
     "eval": ("pyllm_kv.eval", "quality of cache formats vs the f16 cache (KLD, top-1, PPL)"),
     "bench": ("pyllm_kv.bench", "speed of cache formats (prefill/decode tok/s at depth)"),
+    "serve": ("pyllm_kv.serve", "OpenAI-compatible chat server (the bundled llama-server) with these cache formats"),
 }
 
 
