@@ -13,7 +13,8 @@ codecs' own float32 arithmetic.
 
 ``--pairs``: comma-separated ``K/V`` encoder names (``X`` = X for both; for V a
 ``sq:`` name means its base), or the preset ``calib`` (the formats the real
-eval measured) or ``levers`` (the study's candidates).
+eval measured), ``levers`` (the study's candidates) or ``smooth`` (per-channel key
+smoothing and uncentred V, the second round).
 """
 
 from __future__ import annotations
@@ -56,6 +57,24 @@ LEVERS = [
     "c:kv4o/c:kv3o", "c:kv4o/c:kv2o", "c:kv3o/c:kv2o", "sq:c:kv4o/c:kv3o", "sq:c:kv4o/c:kv2o",
     "sq:c:kv3o/c:kv2o", "c:s4b32o/c:kv3o", "c:s4b32o/c:kv2o", "c:s4b64o/c:kv3o", "c:s4b64o/c:s3b64o",
     "c:kv4o/c:s3b64o", "sq:c:kv4o/c:s3b64o", "q8_0/c:kv3o", "q8_0/c:kv2o",
+    # 5-bit keys (s5b32 = q5_0's rule; a5b64o would be a new 5-bit kv layout)
+    "s5b32/c:kv3o", "c:s5b32o/c:kv3o", "c:a5b64o/c:kv3o", "c:a5b64o/c:kv2o", "c:s5b32o/c:kv2o",
+]
+
+
+# per-channel key smoothing (added after the first runs showed Qwen2.5's layer-0 keys: one
+# channel's spread, not its mean, dominated every block after the rotation), and V
+# without centring (centring V hurt on SmolLM2: attention-sink rows have small values)
+ADAPTIVE = ["sa:c:kv4o", "sa:c:kv3o", "sa:c:s4b32o", "sa:c:kv4o/kv4o", "sa:c:kv4o/kv3o", "sa:c:kv4o/kv2o",
+            "sa:c:kv3o/kv3o", "sa:c:s4b64o/kv2o", "sa:c:s4b64o/kv3o", "sa:c:s4b64o/kv4o", "sa:c:kv3o/kv2o"]
+
+SMOOTH = [
+    "kv4o/kv4o", "c:kv4o/kv4o", "c:kv4o/kv3o", "c:kv4o/kv2o",
+    "sm:kv4", "sm:c:kv4", "sm:c:kv4o", "sm:c:kv3o", "sm:c:kv2o", "sm:c:s4b32o", "sm:c:s4b64o",
+    "sm:c:s3b32o", "sm:sq:c:kv4o", "sm:sq:c:kv3o",
+    "sm:c:kv4o/kv4o", "sm:c:kv4o/kv3o", "sm:c:kv4o/kv2o", "sm:c:kv4o/c:kv3o", "sm:c:kv4o/c:kv2o",
+    "sm:c:kv3o/kv2o", "sm:c:s4b64o/kv2o", "sm:c:s4b64o/kv3o", "sm:sq:c:kv4o/kv2o", "sm:sq:c:kv4o/kv3o",
+    "sm:sq:c:kv3o/kv3o", "sm:c:kv3o/kv3o", "kv4o/kv2o", "kv4o/kv3o",
 ]
 
 
@@ -67,6 +86,10 @@ def parse_pairs(spec: str) -> List[Tuple[str, Lever, Lever]]:
             items += CALIB
         elif tok == "levers":
             items += LEVERS
+        elif tok == "smooth":
+            items += SMOOTH
+        elif tok == "adaptive":
+            items += ADAPTIVE
         elif tok:
             items.append(tok)
     out, seen = [], set()
@@ -151,13 +174,27 @@ def simulate(dump: Path, pairs: Sequence[Tuple[str, Lever, Lever]], n_queries: i
         qsel = attention.rotate(q, krot)[q_pos]
         q8 = codecs.q8_query(qsel.reshape(-1, D)).reshape(qsel.shape)
 
+        # the fitting prompt's queries (rotated), subsampled, for fit-time decisions ("sa:")
+        qsel_fit = qr[:fit_tokens:4]
         ctxs_k, ctxs_v = [], []
         for g in range(Hkv):
-            U = None
-            if any(lv.squat for lv in k_levers.values()):
-                grp = qr[:fit_tokens, g * (H // Hkv):(g + 1) * (H // Hkv)].reshape(-1, D)
+            grp = qr[:fit_tokens, g * (H // Hkv):(g + 1) * (H // Hkv)].reshape(-1, D)
+            U = Us = sm = None
+            if any(lv.smooth for lv in k_levers.values()):
+                # channel scales in the unrotated domain, from the first rows of K and the group's Q
+                k0 = k[:fit_tokens, g]
+                rk = np.sqrt(((k0 - k0.mean(0)) ** 2).mean(0)) + 1e-6
+                q0 = q[:fit_tokens, g * (H // Hkv):(g + 1) * (H // Hkv)].reshape(-1, D)
+                rq = np.sqrt((q0 ** 2).mean(0)) + 1e-6
+                sm = np.sqrt(rk / rq)
+                sm = codecs.fp16(sm / np.exp(np.log(sm).mean())).astype(np.float64)
+            if any(lv.squat and not lv.smooth for lv in k_levers.values()):
                 U = squat.packed_fp16(squat.prepare(grp, squat_rank, squat_lambda, True))
-            ctxs_k.append((U, mus_k[il][g]))
+            if any(lv.squat and lv.smooth for lv in k_levers.values()):
+                # SQuat after smoothing sees the queries as the kernel does: H (q * s)
+                gq = attention.rotate(attention.rotate(grp, krot) * sm, krot)
+                Us = squat.packed_fp16(squat.prepare(gq, squat_rank, squat_lambda, True))
+            ctxs_k.append((U, Us, sm, mus_k[il][g]))
             ctxs_v.append(mus_v[il][g])
 
         def enc(lv: Lever, x: np.ndarray, side: str) -> np.ndarray:
@@ -165,8 +202,10 @@ def simulate(dump: Path, pairs: Sequence[Tuple[str, Lever, Lever]], n_queries: i
             lev = levels.get((side, lv.base + ("c" if lv.center else "")))
             for g in range(Hkv):
                 if side == "k":
-                    U, mu = ctxs_k[g]
-                    hc = HeadContext(mu=mu, U=U, levels=lev)
+                    U, Us, sm, mu = ctxs_k[g]
+                    grp_q = qsel_fit[:, g * (H // Hkv):(g + 1) * (H // Hkv)].reshape(-1, D)
+                    hc = HeadContext(mu=mu, U=Us if lv.smooth else U, levels=lev, smooth=sm, rot=krot,
+                                     fit_q=grp_q, fit_rows=fit_tokens)
                 else:
                     hc = HeadContext(mu=ctxs_v[g], levels=lev)
                 out[:, g] = lv.encode(x[:, g], hc)

@@ -6,6 +6,7 @@ the SQuat port against native/src/squat.c."""
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from pathlib import Path
 
@@ -247,3 +248,45 @@ def test_squat_affine_with_identity_is_plain():
     U = np.eye(64, dtype=np.float32)
     got = squat.encode_affine(k, U, lambda w: codecs.kv_opt_params(w, 3), 8, 64)
     np.testing.assert_allclose(got, codecs.kv_opt(k, 3), atol=1e-6)
+
+
+def test_calibration_fit_recovers_a_power_law():
+    import quality_levers_report as rep
+
+    sims = {"q8_0": 1e-4, "q4_0": 1e-2, "kv4": 1.2e-2, "kv3": 6e-2, "sq:kv4/kv4": 8e-3}
+    ev = {"results": [{"format": "f16", "is_reference": True, "n_tokens": 10}] + [
+        {"format": "squat4" if k.startswith("sq:") else k, "kld_mean": 3.0 * v ** 0.8, "n_tokens": 10,
+         "bits_per_value": 4.5, "ppl_delta_pct": 1.0, "top1": 0.9} for k, v in sims.items()]}
+    sj = {"results": [{"pair": k, "out": v} for k, v in sims.items()]}
+    cal = rep.calibrate(ev, sj)
+    assert cal["slope"] == pytest.approx(0.8) and math.exp(cal["intercept"]) == pytest.approx(3.0)
+    assert cal["spearman"] == pytest.approx(1.0) and len(cal["points"]) == 5
+    assert rep.predict_fit(cal, 1e-2) == pytest.approx(3.0 * 1e-2 ** 0.8)
+    # the interpolation goes through the real points and is monotone between them
+    assert rep.predict(cal, 1e-2) == pytest.approx(3.0 * 1e-2 ** 0.8)
+    assert rep.predict(cal, 1e-3) < rep.predict(cal, 1e-2) < rep.predict(cal, 2e-2)
+
+
+def test_smoothing_with_unit_scales_is_the_inner_encoder_and_keeps_scores():
+    rng = np.random.default_rng(8)
+    k = attention.rotate(rng.standard_normal((20, 64)) * np.r_[30.0, np.ones(63)], 64)
+    mu = k[:10].mean(0)
+    one = HeadContext(mu=mu, smooth=np.ones(64), rot=64)
+    a = parse("sm:c:kv4o").encode(k, one)
+    b = parse("c:kv4o").encode(k, HeadContext(mu=mu))
+    # undoing and redoing the rotation moves values by ~1e-15, which may flip a tie in the
+    # scale search of a row: nearly every row is identical, and the error is the same
+    same_rows = np.all(np.abs(a - b) < 1e-9, axis=1)
+    assert same_rows.mean() >= 0.9
+    assert ((a - k) ** 2).sum() == pytest.approx(((b - k) ** 2).sum(), rel=0.02)
+    # with a real scale the decoded keys stay in the same domain and the outlier channel's
+    # spread no longer sets every block's step: smaller error than without smoothing
+    s = np.r_[np.sqrt(30.0), np.ones(63)] / np.exp(np.log(np.r_[np.sqrt(30.0), np.ones(63)]).mean())
+    sm = parse("sm:c:kv4o").encode(k, HeadContext(mu=mu, smooth=s, rot=64))
+    plain = parse("c:kv4o").encode(k, HeadContext(mu=mu))
+    q = rng.standard_normal((5, 64))
+    e_sm = np.abs(q @ (sm - k).T).mean()
+    e_pl = np.abs(q @ (plain - k).T).mean()
+    assert e_sm < e_pl
+    assert parse("sm:c:kv4o").bits(64, 2048) == pytest.approx(4.5 + 32 / 2048)
+    assert parse("sm:sq:c:kv4o").as_value().name == "c:kv4o"

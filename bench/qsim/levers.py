@@ -1,6 +1,6 @@
 """The named K/V encoders of the study, composed from a base block codec and options.
 
-Name grammar: ``[sq:][c:]BASE``
+Name grammar: ``[sm:|sa:][sq:][c:]BASE``
 
 * ``BASE``  ``f16``; ``q8_0``, ``q4_0`` (ggml); ``kv4``/``kv3``/``kv2`` (the shipped
   codec, bit for bit); ``kv4o``.. (same layout, error-minimising d and m);
@@ -13,6 +13,14 @@ Name grammar: ``[sq:][c:]BASE``
   rotated rows (per layer and KV head) before encoding, add it back after decode.
   For K this is softmax-invariant (the native side can drop the add-back); for V the
   attention weights sum to 1, so the mean is added to the attention output instead.
+* ``sm:``   per-channel key smoothing: keys stored as k / s and queries read as q * s
+  (before upstream's rotation; scores unchanged), s = sqrt(rms_k / rms_q) per channel
+  from the first ``fit_tokens`` rows (geometric mean 1): flattens K channels whose
+  variance the rotation would otherwise spread over every block. Side state: head_dim
+  fp16 per layer and KV head; costs a multiply of Q (not of the cached keys) at decode.
+* ``sa:``   adaptive smoothing: per layer and KV head, ``sm:`` or not, whichever gives the
+  smaller q.k error on the fitting prompt (its queries against its keys): a fit-time test
+  the native side can run on the first ubatch (same side state; s = 1 where it loses).
 * ``sq:``   SQuat's query-aware OBS encoder over the base block rule (K only; as V a
   squat name means its base, like the shipped squat* formats).
 
@@ -41,6 +49,10 @@ class HeadContext:
     mu: Optional[np.ndarray] = None      # [D] mean of the first rows (rotated domain)
     U: Optional[np.ndarray] = None       # SQuat factor (fp16-rounded as stored)
     levels: Optional[np.ndarray] = None  # non-uniform codebook (normalised)
+    smooth: Optional[np.ndarray] = None  # [D] per-channel key scale s (unrotated domain)
+    rot: int = 0                         # Hadamard size of this tensor (to undo/redo it)
+    fit_q: Optional[np.ndarray] = None   # [n, D] the GQA group's first queries (rotated), for "sa:"
+    fit_rows: int = 0                    # the first fit_rows rows of x are the fitting prompt
 
 
 @dataclass(frozen=True)
@@ -50,10 +62,13 @@ class Lever:
     center: bool
     squat: bool
     storage_bits: float
+    smooth: str = ""  # "" or the smoothing prefix ("sm": s = sqrt(rms_k / rms_q) per channel)
 
     def side_bits(self, head_dim: int, ctx: int) -> float:
         """Side state per stored value of this tensor, spread over ``ctx`` tokens."""
         b = 0.0
+        if self.smooth:
+            b += 16.0 / ctx  # head_dim fp16 scales per (layer, KV head)
         if self.center:
             b += 16.0 / ctx  # head_dim fp16 per (layer, KV head) over ctx rows of head_dim
         if self.squat:
@@ -72,12 +87,39 @@ class Lever:
         return self.base.startswith("nu")
 
     def as_value(self) -> "Lever":
-        """The V-side meaning of this name: SQuat is a key encoder, its V is the base."""
+        """The V-side meaning of this name: SQuat and smoothing are key-only; V is the rest."""
+        if self.smooth:
+            return parse(self.name[len(self.smooth) + 1:]).as_value()
         return parse(self.name[3:]) if self.squat else self
 
     def encode(self, x: np.ndarray, ctx: HeadContext) -> np.ndarray:
         """Rows [N, D] (rotated domain) -> decoded rows (float64)."""
         x = np.asarray(x, np.float64)
+        if self.smooth == "sa":
+            # adaptive: smoothing only where it lowers the score error on the fitting prompt
+            # (its own queries against its own keys), decided per layer and KV head at fit time
+            inner = parse(self.name[3:])
+            with_s = parse("sm:" + self.name[3:])
+            n = ctx.fit_rows
+            a = with_s.encode(x[:n], ctx)
+            b = inner.encode(x[:n], ctx)
+            qf = ctx.fit_q
+            ea = float(((qf @ (a - x[:n]).T) ** 2).sum())
+            eb = float(((qf @ (b - x[:n]).T) ** 2).sum())
+            return with_s.encode(x, ctx) if ea < eb else inner.encode(x, ctx)
+        if self.smooth:
+            # per-channel scaling before the rotation: store H (k / s), the query becomes
+            # H (q * s); scores are unchanged. Modelled as: undo H, divide, redo H, encode,
+            # then map the decoded rows back (H, times s, H) to compare in the same domain.
+            if ctx.smooth is None:
+                raise ValueError(f"{self.name}: smoothing needs the channel scales")
+            from .attention import rotate  # noqa: PLC0415
+            s = ctx.smooth
+            inner = parse(self.name[len(self.smooth) + 1:])
+            mu = None if ctx.mu is None else rotate(rotate(ctx.mu[None], ctx.rot)[0] / s, ctx.rot)
+            sub = HeadContext(mu=mu, U=ctx.U, levels=ctx.levels)
+            y = inner.encode(rotate(rotate(x, ctx.rot) / s, ctx.rot), sub)
+            return rotate(rotate(y, ctx.rot) * s, ctx.rot)
         mu = ctx.mu if self.center else None
         y = x - mu if mu is not None else x
         if self.squat:
@@ -148,7 +190,13 @@ _CACHE: Dict[str, Lever] = {}
 def parse(name: str) -> Lever:
     if name in _CACHE:
         return _CACHE[name]
-    rest, sq, c = name, False, False
+    rest, sq, c, sm = name, False, False, ""
+    if rest.startswith(("sm:", "sa:")):
+        inner = parse(rest[3:])
+        lever = Lever(name=name, base=inner.base, center=inner.center, squat=inner.squat,
+                      storage_bits=inner.storage_bits, smooth=rest[:2])
+        _CACHE[name] = lever
+        return lever
     if rest.startswith("sq:"):
         sq, rest = True, rest[3:]
     if rest.startswith("c:"):
