@@ -68,6 +68,9 @@ LEVERS = [
 ADAPTIVE = ["sa:c:kv4o", "sa:c:kv3o", "sa:c:s4b32o", "sa:c:kv4o/kv4o", "sa:c:kv4o/kv3o", "sa:c:kv4o/kv2o",
             "sa:c:kv3o/kv3o", "sa:c:s4b64o/kv2o", "sa:c:s4b64o/kv3o", "sa:c:s4b64o/kv4o", "sa:c:kv3o/kv2o"]
 
+UBATCH = ["sq:c:kv4o/kv4o", "sqb:c:kv4o/kv4o", "sqb:c:kv4o/s4b64o", "sqb:c:kv4o/kv3o", "sqb:c:kv4o/kv2o",
+          "sqb:c:kv3o/kv3o", "sq:c:kv3o/kv3o", "sqb:kv4/kv4", "c:kv4o/s4b64o"]
+
 SMOOTH = [
     "kv4o/kv4o", "c:kv4o/kv4o", "c:kv4o/kv3o", "c:kv4o/kv2o",
     "sm:kv4", "sm:c:kv4", "sm:c:kv4o", "sm:c:kv3o", "sm:c:kv2o", "sm:c:s4b32o", "sm:c:s4b64o",
@@ -90,6 +93,8 @@ def parse_pairs(spec: str) -> List[Tuple[str, Lever, Lever]]:
             items += SMOOTH
         elif tok == "adaptive":
             items += ADAPTIVE
+        elif tok == "ubatch":
+            items += UBATCH
         elif tok:
             items.append(tok)
     out, seen = [], set()
@@ -194,7 +199,14 @@ def simulate(dump: Path, pairs: Sequence[Tuple[str, Lever, Lever]], n_queries: i
                 # SQuat after smoothing sees the queries as the kernel does: H (q * s)
                 gq = attention.rotate(attention.rotate(grp, krot) * sm, krot)
                 Us = squat.packed_fp16(squat.prepare(gq, squat_rank, squat_lambda, True))
-            ctxs_k.append((U, Us, sm, mus_k[il][g]))
+            Ul = None
+            if any(lv.squat_per_ubatch for lv in k_levers.values()):
+                Ul = []
+                for a in range(0, T, fit_tokens):
+                    gq = qr[a:a + fit_tokens, g * (H // Hkv):(g + 1) * (H // Hkv)].reshape(-1, D)
+                    Ul.append((a, min(T, a + fit_tokens),
+                               squat.packed_fp16(squat.prepare(gq, squat_rank, squat_lambda, True))))
+            ctxs_k.append((U, Us, sm, mus_k[il][g], Ul))
             ctxs_v.append(mus_v[il][g])
 
         def enc(lv: Lever, x: np.ndarray, side: str) -> np.ndarray:
@@ -202,10 +214,10 @@ def simulate(dump: Path, pairs: Sequence[Tuple[str, Lever, Lever]], n_queries: i
             lev = levels.get((side, lv.base + ("c" if lv.center else "")))
             for g in range(Hkv):
                 if side == "k":
-                    U, Us, sm, mu = ctxs_k[g]
+                    U, Us, sm, mu, Ul = ctxs_k[g]
                     grp_q = qsel_fit[:, g * (H // Hkv):(g + 1) * (H // Hkv)].reshape(-1, D)
                     hc = HeadContext(mu=mu, U=Us if lv.smooth else U, levels=lev, smooth=sm, rot=krot,
-                                     fit_q=grp_q, fit_rows=fit_tokens)
+                                     fit_q=grp_q, fit_rows=fit_tokens, U_list=Ul)
                 else:
                     hc = HeadContext(mu=ctxs_v[g], levels=lev)
                 out[:, g] = lv.encode(x[:, g], hc)

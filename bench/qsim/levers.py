@@ -21,6 +21,8 @@ Name grammar: ``[sm:|sa:][sq:][c:]BASE``
 * ``sa:``   adaptive smoothing: per layer and KV head, ``sm:`` or not, whichever gives the
   smaller q.k error on the fitting prompt (its queries against its keys): a fit-time test
   the native side can run on the first ubatch (same side state; s = 1 where it loses).
+* ``sqb:``  SQuat with U refitted from each ubatch's own queries (512 rows) for that
+  ubatch's keys, instead of the first ubatch's U for every key.
 * ``sq:``   SQuat's query-aware OBS encoder over the base block rule (K only; as V a
   squat name means its base, like the shipped squat* formats).
 
@@ -53,6 +55,7 @@ class HeadContext:
     rot: int = 0                         # Hadamard size of this tensor (to undo/redo it)
     fit_q: Optional[np.ndarray] = None   # [n, D] the GQA group's first queries (rotated), for "sa:"
     fit_rows: int = 0                    # the first fit_rows rows of x are the fitting prompt
+    U_list: Optional[list] = None        # per-ubatch SQuat factors [(row0, row1, U)]
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Lever:
     squat: bool
     storage_bits: float
     smooth: str = ""  # "" or the smoothing prefix ("sm": s = sqrt(rms_k / rms_q) per channel)
+    squat_per_ubatch: bool = False  # "sqb:": U refitted from each ubatch's own queries
 
     def side_bits(self, head_dim: int, ctx: int) -> float:
         """Side state per stored value of this tensor, spread over ``ctx`` tokens."""
@@ -72,7 +76,9 @@ class Lever:
         if self.center:
             b += 16.0 / ctx  # head_dim fp16 per (layer, KV head) over ctx rows of head_dim
         if self.squat:
-            b += 8.0 * (head_dim + 1) / ctx  # head_dim*(head_dim+1)/2 fp16
+            # head_dim*(head_dim+1)/2 fp16 (only the encoder reads it; per-ubatch refits keep
+            # one at a time, counted once)
+            b += 8.0 * (head_dim + 1) / ctx
         return b
 
     def bits(self, head_dim: int, ctx: int) -> float:
@@ -90,7 +96,9 @@ class Lever:
         """The V-side meaning of this name: SQuat and smoothing are key-only; V is the rest."""
         if self.smooth:
             return parse(self.name[len(self.smooth) + 1:]).as_value()
-        return parse(self.name[3:]) if self.squat else self
+        if self.squat:
+            return parse(self.name[4:] if self.squat_per_ubatch else self.name[3:])
+        return self
 
     def encode(self, x: np.ndarray, ctx: HeadContext) -> np.ndarray:
         """Rows [N, D] (rotated domain) -> decoded rows (float64)."""
@@ -122,7 +130,14 @@ class Lever:
             return rotate(rotate(y, ctx.rot) * s, ctx.rot)
         mu = ctx.mu if self.center else None
         y = x - mu if mu is not None else x
-        if self.squat:
+        if self.squat and self.squat_per_ubatch:
+            # U_list: [(first row, last row, U)] per ubatch; each ubatch's keys use its own U
+            if ctx.U_list is None:
+                raise ValueError(f"{self.name}: per-ubatch SQuat needs one U per ubatch")
+            r = np.empty_like(y)
+            for a, b, Ub in ctx.U_list:
+                r[a:b] = _squat_encode(self.base, y[a:b], Ub)
+        elif self.squat:
             if ctx.U is None:
                 raise ValueError(f"{self.name}: SQuat needs the factor U")
             r = _squat_encode(self.base, y, ctx.U)
@@ -197,11 +212,15 @@ def parse(name: str) -> Lever:
                       storage_bits=inner.storage_bits, smooth=rest[:2])
         _CACHE[name] = lever
         return lever
-    if rest.startswith("sq:"):
+    per_ub = False
+    if rest.startswith("sqb:"):
+        sq, per_ub, rest = True, True, rest[4:]
+    elif rest.startswith("sq:"):
         sq, rest = True, rest[3:]
     if rest.startswith("c:"):
         c, rest = True, rest[2:]
-    lever = Lever(name=name, base=rest, center=c, squat=sq, storage_bits=_base_bits(rest))
+    lever = Lever(name=name, base=rest, center=c, squat=sq, storage_bits=_base_bits(rest),
+                  squat_per_ubatch=per_ub)
     if sq and rest == "f16":
         raise ValueError("SQuat needs a quantized base")
     _CACHE[name] = lever
