@@ -119,6 +119,7 @@ CURATED = [
     "c:s4b64o", "sm:c:s4b64o", "c:nu4b64",
     "kv4/kv3", "c:kv4o/kv3o", "c:kv4o/c:kv3o", "sm:c:kv4o/kv3o", "sq:c:kv4o/c:kv3o", "sm:sq:c:kv4o/kv3o",
     "kv3", "kv3o", "c:kv3", "c:kv3o", "c:s3b32o", "c:nu3b32", "sm:c:kv3o", "sm:c:kv3o/kv3o", "sa:c:kv3o/kv3o",
+    "c:s3b64o/kv3o", "sm:c:s3b64o/kv3o",
     "sq:kv3/kv3", "sq:c:kv3o", "sqb:c:kv3o/kv3o",
     "kv4/kv2", "c:kv4o/kv2o", "c:kv4o/c:kv2o", "sm:c:kv4o/kv2o", "sa:c:kv4o/kv2o", "sm:c:s4b64o/kv2o",
     "sm:sq:c:kv4o/kv2o", "sqb:c:kv4o/kv2o",

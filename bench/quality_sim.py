@@ -217,7 +217,9 @@ def simulate(dump: Path, pairs: Sequence[Tuple[str, Lever, Lever]], n_queries: i
                     U, Us, sm, mu, Ul = ctxs_k[g]
                     grp_q = qsel_fit[:, g * (H // Hkv):(g + 1) * (H // Hkv)].reshape(-1, D)
                     hc = HeadContext(mu=mu, U=Us if lv.smooth else U, levels=lev, smooth=sm, rot=krot,
-                                     fit_q=grp_q, fit_rows=fit_tokens, U_list=Ul)
+                                     fit_q=grp_q, fit_rows=fit_tokens, U_list=Ul,
+                                     fit_q_pos=np.repeat(np.arange(0, fit_tokens, 4), H // Hkv),
+                                     kq_scale=meta["kq_scale"])
                 else:
                     hc = HeadContext(mu=ctxs_v[g], levels=lev)
                 out[:, g] = lv.encode(x[:, g], hc)

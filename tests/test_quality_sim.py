@@ -290,3 +290,25 @@ def test_smoothing_with_unit_scales_is_the_inner_encoder_and_keeps_scores():
     assert e_sm < e_pl
     assert parse("sm:c:kv4o").bits(64, 2048) == pytest.approx(4.5 + 32 / 2048)
     assert parse("sm:sq:c:kv4o").as_value().name == "c:kv4o"
+
+
+def test_fit_time_choices_return_one_of_the_two_encodings():
+    rng = np.random.default_rng(9)
+    k = attention.rotate(rng.standard_normal((64, 64)) * np.r_[20.0, np.ones(63)], 64)
+    q = rng.standard_normal((16, 64))
+    s = np.r_[np.sqrt(20.0), np.ones(63)]
+    s = s / np.exp(np.log(s).mean())
+    ctx = HeadContext(mu=k[:32].mean(0), smooth=s, rot=64, fit_q=q, fit_rows=32,
+                      fit_q_pos=np.repeat(np.arange(0, 32, 2), 1), kq_scale=0.125)
+    with_s = parse("sm:c:kv4o").encode(k, ctx)
+    without = parse("c:kv4o").encode(k, ctx)
+    for name in ("sa:c:kv4o", "sw:c:kv4o"):
+        got = parse(name).encode(k, ctx)
+        assert np.array_equal(got, with_s) or np.array_equal(got, without)
+
+
+def test_per_ubatch_squat_with_identity_factors_is_plain():
+    k = _rows(n=20, d=64)
+    eye = squat.packed_fp16(np.eye(64, dtype=np.float32))
+    ctx = HeadContext(U_list=[(0, 10, eye), (10, 20, eye)])
+    np.testing.assert_array_equal(parse("sqb:kv4").encode(k, ctx), codecs.kv_c(k, 4))

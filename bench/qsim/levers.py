@@ -1,6 +1,6 @@
 """The named K/V encoders of the study, composed from a base block codec and options.
 
-Name grammar: ``[sm:|sa:][sq:][c:]BASE``
+Name grammar: ``[sm:|sa:|sw:][sq:|sqb:][c:]BASE``
 
 * ``BASE``  ``f16``; ``q8_0``, ``q4_0`` (ggml); ``kv4``/``kv3``/``kv2`` (the shipped
   codec, bit for bit); ``kv4o``.. (same layout, error-minimising d and m);
@@ -21,6 +21,8 @@ Name grammar: ``[sm:|sa:][sq:][c:]BASE``
 * ``sa:``   adaptive smoothing: per layer and KV head, ``sm:`` or not, whichever gives the
   smaller q.k error on the fitting prompt (its queries against its keys): a fit-time test
   the native side can run on the first ubatch (same side state; s = 1 where it loses).
+* ``sw:``   adaptive smoothing decided by the score error's variance under the fitting
+  prompt's own attention weights (what softmax sees), per layer and KV head.
 * ``sqb:``  SQuat with U refitted from each ubatch's own queries (512 rows) for that
   ubatch's keys, instead of the first ubatch's U for every key.
 * ``sq:``   SQuat's query-aware OBS encoder over the base block rule (K only; as V a
@@ -56,6 +58,8 @@ class HeadContext:
     fit_q: Optional[np.ndarray] = None   # [n, D] the GQA group's first queries (rotated), for "sa:"
     fit_rows: int = 0                    # the first fit_rows rows of x are the fitting prompt
     U_list: Optional[list] = None        # per-ubatch SQuat factors [(row0, row1, U)]
+    fit_q_pos: Optional[np.ndarray] = None  # positions of the fit_q rows (for "sw:")
+    kq_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,27 @@ class Lever:
     def encode(self, x: np.ndarray, ctx: HeadContext) -> np.ndarray:
         """Rows [N, D] (rotated domain) -> decoded rows (float64)."""
         x = np.asarray(x, np.float64)
+        if self.smooth == "sw":
+            # adaptive, attention-weighted: per layer and KV head, smoothing or not by the
+            # variance of the score error under the fitting prompt's own (causal) attention
+            # weights: what softmax sees, unlike the plain q.k error of "sa:"
+            inner = parse(self.name[3:])
+            with_s = parse("sm:" + self.name[3:])
+            n = ctx.fit_rows
+            qf, pos = ctx.fit_q, ctx.fit_q_pos
+            s_ref = qf @ x[:n].T * ctx.kq_scale
+            mask = np.arange(n)[None, :] <= pos[:, None]
+            s_ref = np.where(mask, s_ref, -np.inf)
+            p = np.exp(s_ref - s_ref.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+
+            def werr(dec):
+                e = qf @ (dec - x[:n]).T * ctx.kq_scale
+                m = (p * e).sum(1, keepdims=True)
+                return float((p * (e - m) ** 2).sum())
+
+            use = werr(with_s.encode(x[:n], ctx)) < werr(inner.encode(x[:n], ctx))
+            return with_s.encode(x, ctx) if use else inner.encode(x, ctx)
         if self.smooth == "sa":
             # adaptive: smoothing only where it lowers the score error on the fitting prompt
             # (its own queries against its own keys), decided per layer and KV head at fit time
@@ -206,7 +231,7 @@ def parse(name: str) -> Lever:
     if name in _CACHE:
         return _CACHE[name]
     rest, sq, c, sm = name, False, False, ""
-    if rest.startswith(("sm:", "sa:")):
+    if rest.startswith(("sm:", "sa:", "sw:")):
         inner = parse(rest[3:])
         lever = Lever(name=name, base=inner.base, center=inner.center, squat=inner.squat,
                       storage_bits=inner.storage_bits, smooth=rest[:2])
