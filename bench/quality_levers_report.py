@@ -115,14 +115,15 @@ CURATED = [
     "q4_0", "kv4", "kv4o", "s4b32o", "nu4b32", "c:kv4", "c:kv4o", "c:s4b32o", "c:nu4b32",
     "sq:kv4/kv4", "sq:c:kv4o", "sm:kv4", "sm:c:kv4", "sm:c:kv4o", "sm:c:s4b32o", "sm:sq:c:kv4o",
     "c:kv4o/kv4o", "sm:c:kv4o/kv4o", "sa:c:kv4o", "sa:c:kv4o/kv4o", "sa:c:s4b64o/kv4o", "c:kv4o/s4b64o",
-    "sqb:c:kv4o/kv4o", "sqb:c:kv4o/s4b64o", "c:s5b32o/c:kv3o",
+    "sqb:kv4/kv4", "sqb:c:kv4o/kv4o", "sqb:c:kv4o/s4b64o", "c:s5b32o/c:kv3o",
     "c:s4b64o", "sm:c:s4b64o", "c:nu4b64",
     "kv4/kv3", "c:kv4o/kv3o", "c:kv4o/c:kv3o", "sm:c:kv4o/kv3o", "sq:c:kv4o/c:kv3o", "sm:sq:c:kv4o/kv3o",
     "kv3", "kv3o", "c:kv3", "c:kv3o", "c:s3b32o", "c:nu3b32", "sm:c:kv3o", "sm:c:kv3o/kv3o", "sa:c:kv3o/kv3o",
     "c:s3b64o/kv3o", "sm:c:s3b64o/kv3o",
     "sq:kv3/kv3", "sq:c:kv3o", "sqb:c:kv3o/kv3o",
     "kv4/kv2", "c:kv4o/kv2o", "c:kv4o/c:kv2o", "sm:c:kv4o/kv2o", "sa:c:kv4o/kv2o", "sm:c:s4b64o/kv2o",
-    "sm:sq:c:kv4o/kv2o", "sqb:c:kv4o/kv2o",
+    "sm:sq:c:kv4o/kv2o", "sqb:c:kv4o/kv2o", "sw:c:kv4o/kv4o", "sw:c:kv3o/kv3o", "sw:c:kv4o/kv2o",
+    "sw:c:s4b64o/kv4o", "sw:c:s3b64o/kv3o",
     "kv2", "c:kv2o", "sm:c:kv2o",
 ]
 
