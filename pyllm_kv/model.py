@@ -25,7 +25,7 @@ from .errors import (
     PyllmKvError,
 )
 from .squat_options import SquatOptions
-from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, kv_layout, read_model_info, side_state_bytes
+from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, kv_cost, read_model_info
 
 if TYPE_CHECKING:
     import numpy
@@ -303,14 +303,8 @@ class Model:
         n_ctx = self.n_ctx
         info, fk, fv = self.info, self.cache_k, self.cache_v
         st = self.side_settings or {}
-        side = side_state_bytes(info, fk, fv, st.get("transform", "hadamard"), st.get("center", "auto"))
-        caches = self.kv_caches or kv_layout(info, n_ctx)
-        cell_layers = sum(c * n for c, n in caches)
-        heads = info.n_head_kv  # per layer (models with per-layer counts: the largest)
-        n_k, n_v = heads * info.head_dim_k, heads * info.head_dim_v
-        rows = cell_layers * (fk.row_bytes(n_k) + fv.row_bytes(n_v))
-        total = rows + side
-        f16_total = cell_layers * 2 * (n_k + n_v)
+        cost = kv_cost(info, fk, fv, n_ctx, self.kv_caches or None, st.get("transform", "hadamard"),
+                       st.get("center", "auto"))
         return {
             "model": Path(info.path).name,
             "cache_k": fk.name,
@@ -322,12 +316,7 @@ class Model:
             "n_head_kv": info.n_head_kv,
             "head_dim": info.head_dim_k,
             "head_dim_v": info.head_dim_v,
-            "kv_caches": [{"cells": c, "layers": n} for c, n in caches],
-            "side_state_bytes": side,
-            "kv_bytes_per_token": total / n_ctx,
-            "kv_bytes_total": total,
-            "bits_per_value": 8.0 * total / (cell_layers * (n_k + n_v)),
-            "ratio_vs_f16": f16_total / total,
+            **cost,
             "flash_attn": self.flash_attn,
         }
 

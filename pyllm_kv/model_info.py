@@ -233,6 +233,30 @@ def kv_layout(info: ModelInfo, n_ctx: int, n_seq: int = 1, n_ubatch: int = 512,
     return out + [(size_swa, n_sliding)]
 
 
+def kv_cost(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str | formats.Format", n_ctx: int,
+            caches: "Optional[List[Tuple[int, int]]]" = None, squat_transform: str = "hadamard",
+            center: str = "auto") -> dict:
+    """What a KV cache of n_ctx cells costs, counted honestly: every cache llama.cpp
+    allocates (``caches``: (cells, layers) each, default :func:`kv_layout`; an iSWA
+    model's sliding layers hold the window unless swa_full), block scales, and the
+    side state. ``kv_bytes_total`` is that total, ``kv_bytes_per_token`` it over
+    n_ctx, ``bits_per_value`` it over the K and V values the caches hold when full."""
+    k, v = formats.resolve(fmt_k), formats.resolve(fmt_v)
+    side = side_state_bytes(info, k, v, squat_transform, center)
+    caches = caches or kv_layout(info, n_ctx)
+    cell_layers = sum(c * n for c, n in caches)
+    n_k, n_v = info.n_head_kv * info.head_dim_k, info.n_head_kv * info.head_dim_v
+    total = cell_layers * (k.row_bytes(n_k) + v.row_bytes(n_v)) + side
+    return {
+        "kv_caches": [{"cells": c, "layers": n} for c, n in caches],
+        "side_state_bytes": side,
+        "kv_bytes_total": total,
+        "kv_bytes_per_token": total / n_ctx,
+        "bits_per_value": 8.0 * total / (cell_layers * (n_k + n_v)),
+        "ratio_vs_f16": cell_layers * 2 * (n_k + n_v) / total,
+    }
+
+
 def kv_bytes_per_token(
     info: ModelInfo,
     fmt_k: "str | formats.Format",
