@@ -31,6 +31,7 @@ _PLUGINS: Dict[str, Tuple[str, str]] = {
     "eval": ("pyllm_kv.eval", "quality of cache formats vs the f16 cache (KLD, top-1, PPL)"),
     "bench": ("pyllm_kv.bench", "speed of cache formats (prefill/decode tok/s at depth)"),
     "serve": ("pyllm_kv.serve", "OpenAI-compatible chat server (the bundled llama-server) with these cache formats"),
+    "advise": ("pyllm_kv.advise", "the best K/V cache pair for a model under a bit budget (a short real eval)"),
 }
 
 
