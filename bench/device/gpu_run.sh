@@ -51,20 +51,20 @@ if [ "$STAGE" = build ]; then
        "$(nm -D --defined-only $B/bin/libggml-cuda.so | grep -v ' ggml_\| gguf_' | wc -l) outside ggml_/gguf_" >> $LOG
   timeout 120 $B/bin/pkv-cuda-test 20261207 > $OUT/pkv_cuda_test.log 2>&1
   echo "pkv-cuda-test rc=$?: $(tail -1 $OUT/pkv_cuda_test.log)" >> $LOG
-  ours='(kv[234]|squat[234]|deco[234])'
-  for spec in "SET_ROWS|type=$ours" "GET_ROWS|type=$ours" "CPY|$ours" "FLASH_ATTN_EXT|hsk=256,.*$ours" \
-              "FLASH_ATTN_EXT|hsk=128,.*nb=1,.*type_K=$ours"; do
-    op=${spec%%|*}; pat=${spec#*|}
-    [ $((SECONDS + 60)) -lt "$LIMIT" ] || break
-    timeout 120 $B/bin/test-backend-ops -b CUDA0 -o $op -p "$pat" > /tmp/tbo.log 2>&1
-    echo "test-backend-ops $op /$pat/ rc=$?: $(grep -c ' OK' /tmp/tbo.log) OK, $(grep -c 'FAIL' /tmp/tbo.log) FAIL;" \
-         "$(grep -E 'tests passed' /tmp/tbo.log)" >> $LOG
-    grep -B1 -A3 FAIL /tmp/tbo.log | head -20 >> $LOG
-  done
   # the Python API on the GPU on random-weight models (no real model here yet)
   export PYLLM_KV_CORPUS=/nonexistent
   (timeout 150 python3 bench/device/gpu_smoke.py) > $OUT/gpu_smoke.log 2>&1
   echo "gpu_smoke rc=$? at ${SECONDS}s" >> $LOG; grep -E "gguf|FAILED|Error" $OUT/gpu_smoke.log | head -20 >> $LOG
+  ours='(kv[234]|squat[234]|deco[234])'
+  for spec in "SET_ROWS|type=$ours" "GET_ROWS|type=$ours" "CPY|$ours" "FLASH_ATTN_EXT|hsk=256,.*$ours" \
+              "FLASH_ATTN_EXT|hsk=128,.*nb=1,.*type_K=$ours"; do
+    op=${spec%%|*}; pat=${spec#*|}
+    [ $((SECONDS + 40)) -lt "$LIMIT" ] || break
+    timeout $((LIMIT - SECONDS - 10)) $B/bin/test-backend-ops -b CUDA0 -o $op -p "$pat" > /tmp/tbo.log 2>&1
+    echo "test-backend-ops $op /$pat/ rc=$?: $(grep -c ' OK' /tmp/tbo.log) OK, $(grep -c 'FAIL' /tmp/tbo.log) FAIL;" \
+         "$(grep -E 'tests passed' /tmp/tbo.log)" >> $LOG
+    grep -B1 -A3 FAIL /tmp/tbo.log | head -20 >> $LOG
+  done
   # then as much of the bench as fits (the py stage runs the rest)
   [ $((SECONDS + 90)) -lt "$LIMIT" ] && FORMATS=${FORMATS:-f16/f16 kv4/kv4 squat4/kv4 deco4/kv4 q4_0/q4_0} \
       GPU_RUN_LIMIT=$((LIMIT - SECONDS)) bash bench/device/gpu_run.sh bench-only
