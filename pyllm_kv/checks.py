@@ -72,6 +72,19 @@ def load_params(n_ctx: Any, n_batch: Any, n_threads: Any, n_gpu_layers: Any, see
         raise InvalidParameter(f"flash_attn must be True or False, got {flash_attn!r}.")
 
 
+def tensor_split(weights: Any) -> List[float]:
+    """load(tensor_split=): one non-negative finite weight per device, not all zero,
+    at most 16 (llama.cpp's LLAMA_MAX_DEVICES; llama-cpp-python raises past it)."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise InvalidParameter(f"tensor_split must be a list of weights, one per device, got {weights!r}")
+    out = [real("tensor_split entry", w, 0.0) for w in weights]
+    if not out or len(out) > 16 or not any(out):
+        raise InvalidParameter(
+            f"tensor_split needs 1 to 16 weights with at least one above 0 (one per device: RPC servers "
+            f"first, then local GPUs), got {list(weights)!r}")
+    return out
+
+
 def kv_fits_in_memory(kv_bytes: float, n_ctx: int, what: str) -> None:
     """Refuse a CPU KV cache larger than the machine's RAM.
 

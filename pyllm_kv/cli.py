@@ -20,7 +20,7 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import formats, squat_options
-from .errors import PyllmKvError
+from .errors import InvalidParameter, PyllmKvError
 
 PROG = "pyllm-kv"
 
@@ -48,7 +48,12 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--cache-v", metavar="F", help="V cache format (overrides --cache); default f16")
     g.add_argument("--ctx", type=int, default=2048, metavar="N", help="context size in tokens (default 2048)")
     g.add_argument("--no-flash-attn", action="store_true", help="disable flash attention (float V caches only)")
-    g.add_argument("--ngl", type=int, default=0, metavar="N", help="layers to offload to the GPU (default 0)")
+    g.add_argument("--ngl", type=int, default=0, metavar="N",
+                   help="layers to offload to the GPU or the --rpc servers (default 0)")
+    g.add_argument("--rpc", metavar="HOST:PORT,...", default=None,
+                   help="ggml-rpc-servers for the offloaded layers and their KV cache (docs/rpc.md)")
+    g.add_argument("--tensor-split", metavar="W,W,...", default=None,
+                   help="share of the offloaded layers per device: --rpc servers first, then local GPUs")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: llama.cpp's choice)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     squat_options.add_arguments(g)
@@ -114,7 +119,17 @@ def _load(args: argparse.Namespace) -> Any:
         args.model, cache_k=cache_k, cache_v=cache_v, flash_attn=not args.no_flash_attn,
         n_ctx=args.ctx, n_gpu_layers=args.ngl, n_threads=args.threads, seed=args.seed,
         verbose=args.verbose, squat=squat_options.from_args(args),
+        rpc_servers=args.rpc, tensor_split=_tensor_split(args.tensor_split),
     )
+
+
+def _tensor_split(text: Optional[str]) -> Optional[List[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise InvalidParameter(f"--tensor-split takes comma-separated numbers (e.g. 1,1), got {text!r}") from None
 
 
 def _max_tokens(args: argparse.Namespace) -> Optional[int]:

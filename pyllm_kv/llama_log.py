@@ -20,6 +20,8 @@ from typing import Iterator, List, Tuple
 from . import _libs
 
 _CACHE_RE = re.compile(r"llama_kv_cache: size = .*?\(\s*(\d+) cells,\s*(\d+) layers")
+# "llama_kv_cache:  RPC0[10.0.0.2:50052] KV buffer size = 1.23 MiB": where the K/V rows live
+_KV_BUFFER_RE = re.compile(r"llama_kv_cache:\s+(\S+) KV buffer size =\s*([0-9.]+) MiB")
 
 
 _LEVEL_ERROR = 4  # GGML_LOG_LEVEL_ERROR (ggml.h of the pinned tree)
@@ -45,6 +47,10 @@ class LlamaLog:
     def kv_caches(self) -> List[Tuple[int, int]]:
         """(cells, layers) of every KV cache llama.cpp allocated, in log order."""
         return [(int(c), int(n)) for c, n in _CACHE_RE.findall(self.text())]
+
+    def kv_buffers(self) -> List[Tuple[str, float]]:
+        """(buffer, MiB) of every KV buffer llama.cpp allocated: CPU, CUDA0, RPC0[host:port], ..."""
+        return [(name, float(mib)) for name, mib in _KV_BUFFER_RE.findall(self.text())]
 
 
 @contextmanager

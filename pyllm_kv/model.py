@@ -14,12 +14,13 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
-from . import _libs, checks, formats, llama_log, squat_options
+from . import _libs, checks, formats, llama_log, rpc, squat_options
 from .errors import (
     ContextOverflow,
     DefaultModelMissing,
     FlashAttentionRequired,
     FormatNotAvailable,
+    InvalidParameter,
     InvalidPrompt,
     LlamaError,
     PyllmKvError,
@@ -120,6 +121,10 @@ class Model:
         # (cells, layers) of every KV cache llama.cpp allocated (its log; an
         # iSWA model has two); empty if unknown, then kv_layout's rule is used.
         self.kv_caches: List[tuple] = []
+        # the ggml-rpc-server endpoints holding offloaded layers (load(rpc_servers=))
+        self.rpc_servers: List[str] = []
+        # (buffer, MiB) of every KV buffer as llama.cpp logged it: which device holds K/V
+        self.kv_buffers: List[tuple] = []
 
     # ---- basics -----------------------------------------------------------------
 
@@ -374,6 +379,8 @@ def load(
     verbose: bool = False,
     squat: Optional[SquatOptions] = None,
     swa_full: bool = True,
+    rpc_servers: "str | Sequence[str] | None" = None,
+    tensor_split: Optional[Sequence[float]] = None,
 ) -> Model:
     """Load a GGUF model with a KV cache of the given formats.
 
@@ -385,6 +392,12 @@ def load(
     (plus a batch) for the sliding layers, as llama.cpp's own tools do; True
     (llama-cpp-python's default) gives them the full context. kv_report counts
     what was allocated either way.
+    ``rpc_servers``: ``"host:port,..."`` or a list of them, each a ``ggml-rpc-server``
+    of this pyllm-kv build (docs/rpc.md); the last ``n_gpu_layers`` layers, with
+    their KV cache, go to these servers (and local GPUs), split by
+    ``tensor_split`` (one weight per device, servers first; default: by free
+    memory). A server that is unreachable or has another ggml type table raises
+    RpcServerRefused.
     Everything that can be checked without llama.cpp is checked first.
     """
     if squat is not None and not isinstance(squat, SquatOptions):
@@ -392,6 +405,13 @@ def load(
     if model is not None:
         checks.model_path(model)
     checks.load_params(n_ctx, n_batch, n_threads, n_gpu_layers, seed, flash_attn)
+    servers = rpc.parse_servers(rpc_servers)
+    if servers and n_gpu_layers == 0:
+        raise InvalidParameter(
+            "rpc_servers given but n_gpu_layers=0: no layer would go to the servers. Pass the number of "
+            "layers to offload (n_gpu_layers, --ngl; -1 for all), the last ones go to the servers.")
+    if tensor_split is not None:
+        tensor_split = checks.tensor_split(tensor_split)
     path = default_model_path() if model is None else Path(model).expanduser()
     info = read_model_info(path)  # ModelNotFound / InvalidModelFile
     fk, fv = validate_config(info, cache_k, cache_v, flash_attn)
@@ -407,7 +427,7 @@ def load(
             side_settings = squat_options.from_environment()
     squat_settings = side_settings if "squat" in (fk.side_state_kind, fv.side_state_kind) else None
     try:
-        with squat_options.applied(squat), llama_log.captured() as log:
+        with squat_options.applied(squat), llama_log.captured() as log, rpc.model_devices(servers):
             llama = llama_cpp.Llama(
                 str(path),
                 type_k=type_k,
@@ -415,6 +435,7 @@ def load(
                 flash_attn=flash_attn,
                 n_ctx=n_ctx,
                 n_gpu_layers=n_gpu_layers,
+                tensor_split=None if tensor_split is None else list(tensor_split),
                 n_batch=n_batch,
                 n_threads=n_threads,
                 # Prompt batches too: llama-cpp-python would otherwise use every core for them,
@@ -442,4 +463,6 @@ def load(
     model.squat_settings = squat_settings
     model.side_settings = side_settings
     model.kv_caches = log.kv_caches()
+    model.rpc_servers = servers
+    model.kv_buffers = log.kv_buffers()
     return model

@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-BACKENDS = ("libggml-cpu.so", "libggml-cuda.so")
+BACKENDS = ("libggml-cpu.so", "libggml-cuda.so", "libggml-rpc.so")
 
 
 def _defined_dynamic_symbols(path):

@@ -11,7 +11,8 @@
 #       CUDA0 vs the CPU for our types (SET_ROWS, GET_ROWS, CPY; FLASH_ATTN_EXT at
 #       head size 256 and a sample of the rest).
 #   bash bench/device/gpu_run.sh py        carry [".carry2"]
-#       SmolLM2 reassembled; pytest tests/test_gpu.py (Python API with every layer
+#       SmolLM2 reassembled; pytest tests/test_gpu.py, test_rpc.py (layers on a CUDA
+#       ggml-rpc-server vs the local GPU) and the rest (Python API with every layer
 #       on the GPU: generate/chat/state, KLD GPU vs CPU, iSWA side state) and
 #       tests/test_exports.py; the CUDA-vs-CPU KLD experiment with and without
 #       upstream's Hadamard rotation (llama-perplexity, LLAMA_ATTN_ROT_DISABLE).
@@ -74,7 +75,7 @@ elif [ "$STAGE" = py ]; then
   cp .carry2/devil.dict.dz /tmp/
   export PYLLM_KV_TEST_MODEL=$M PYLLM_KV_CORPUS=/tmp/devil.dict.dz
   python3 -c "import pyllm_kv.corpus as c, sys; sys.stdout.write(c.load_text()[:120000])" > /tmp/corpus.txt
-  (timeout 330 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_exports.py -s) > $OUT/pytest_gpu.log 2>&1
+  (timeout 330 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_exports.py tests/test_rpc.py tests/test_squat_set_rows.py -s) > $OUT/pytest_gpu.log 2>&1
   echo "pytest rc=$? at ${SECONDS}s" >> $LOG; grep -E "KLD|passed|failed|FAILED|Error" $OUT/pytest_gpu.log | tail -25 >> $LOG
   # CUDA-vs-CPU KLD of quantized caches: upstream's Hadamard rotation on or off
   P=$B/bin/llama-perplexity
