@@ -72,6 +72,20 @@ def load_params(n_ctx: Any, n_batch: Any, n_threads: Any, n_gpu_layers: Any, see
         raise InvalidParameter(f"flash_attn must be True or False, got {flash_attn!r}.")
 
 
+def ngl_option(text: str) -> int:
+    """argparse type of ``--ngl``: layers on the GPU, -1 for all of them (as llama.cpp's -ngl)."""
+    import argparse  # noqa: PLC0415
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ngl takes a number of layers, got {text!r}") from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(
+            f"--ngl must be 0 (CPU only), a number of layers, or -1 (all layers), got {value}")
+    return value
+
+
 def kv_fits_in_memory(kv_bytes: float, n_ctx: int, what: str) -> None:
     """Refuse a CPU KV cache larger than the machine's RAM.
 
