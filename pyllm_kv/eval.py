@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 import time
@@ -50,8 +49,9 @@ from .eval_journal import Journal, journal_path
 from .eval_llama import FormatRunner as _Runner
 from .eval_llama import SharedModel, n_ubatch_for, type_ids
 from .eval_memory import NotEnoughMemory
-from .eval_metrics import Accumulator, ChunkStats, block_stats, rows_per_block
+from .eval_metrics import ChunkStats, block_stats, rows_per_block
 from .eval_reference import ReferenceStore
+from .eval_report import build_report, format_table, plot
 from .model import validate_config
 from .model_info import kv_bytes_per_token, read_model_info, side_state_bytes
 from .report_io import write_json
@@ -303,25 +303,16 @@ def evaluate(
     t_start = time.perf_counter()
     shared = _load(path, n_gpu_layers, verbose)
     try:
-        add_bos = shared.add_bos
-        tokens = shared.tokenize(body, add_bos=add_bos)
+        tokens = shared.tokenize(body, add_bos=shared.add_bos)
         n_avail = len(tokens) // ctx
         if n_avail < 1:
             raise EvalError(f"the text has {len(tokens)} tokens, fewer than one chunk of ctx={ctx}: "
                             "use a longer text or a smaller --ctx")
         n_chunks = n_avail if chunks is None else min(int(chunks), n_avail)
-        first = ctx // 2
-        n_score = ctx - 1 - first
         labels = [label for label, _, _ in pairs]
         reuse = {label for label, k, v in pairs if (k, v) == (REFERENCE, REFERENCE) and not rerun_reference}
-        types = dict(zip(labels, type_ids(pairs)))
-        f16 = type_ids([(REFERENCE, REFERENCE, REFERENCE)])[0]
-        ref = _Runner(shared, f"{REFERENCE} (reference)", *f16, ctx, n_threads, squat)
-        runners = {label: _Runner(shared, label, *types[label], ctx, n_threads, squat)
-                   for label in labels if label not in reuse}
         n_ctx = eval_memory.n_ctx_allocated(ctx)
         bits = {label: _bits_record(info, k, v, n_ctx, squat_transform) for label, k, v in pairs}
-
         settings = {
             "model": str(info.path),
             "model_name": info.name,
@@ -332,9 +323,9 @@ def evaluate(
             "chunks": 0,
             "chunks_requested": None if chunks is None else int(chunks),
             "chunks_available": n_avail,
-            "scored_per_chunk": n_score,
-            "scored_positions": f"{first}..{ctx - 2} (predicting tokens {first + 1}..{ctx - 1})",
-            "bos_per_chunk": add_bos,
+            "scored_per_chunk": ctx - 1 - ctx // 2,
+            "scored_positions": f"{ctx // 2}..{ctx - 2} (predicting tokens {ctx // 2 + 1}..{ctx - 1})",
+            "bos_per_chunk": shared.add_bos,
             "reference": REFERENCE,
             "reference_bits": _bits_record(info, REFERENCE, REFERENCE, n_ctx, squat_transform),
             "reference_rerun": bool(rerun_reference),
@@ -348,9 +339,10 @@ def evaluate(
             "memory_estimate": {"total_bytes": memory.total, "parts": memory.parts,
                                 "reference_file_bytes": memory.disk_bytes},
         }
+        # what decides the numbers: a journal written with anything else is not resumed
         journal = Journal(None if json_out is None else journal_path(json_out), {
             "model": str(info.path), "model_bytes": path.stat().st_size, "text": text_source,
-            "text_tokens": int(len(tokens)), "ctx": ctx, "bos_per_chunk": add_bos,
+            "text_tokens": int(len(tokens)), "ctx": ctx, "bos_per_chunk": shared.add_bos,
             "reference_rerun": bool(rerun_reference), "n_gpu_layers": n_gpu_layers,
             "lib_dir": str(_libs.lib_dir()), "squat": squat_settings, "env": _numerics_env(),
         }, resume=resume)
@@ -358,42 +350,19 @@ def evaluate(
             settings["journal"] = str(journal.path)
 
         def report(interrupted: bool, final: bool) -> Dict[str, Any]:
-            done = journal.complete_chunks(labels, n_chunks)
-            return _report(settings, pairs, bits, reuse, journal, done, n_chunks, interrupted,
-                           final, time.perf_counter() - t_start)
+            return build_report(settings, pairs, bits, reuse, journal, journal.complete_chunks(labels, n_chunks),
+                                n_chunks, interrupted, final, time.perf_counter() - t_start)
 
-        todo = [(c, [lb for lb in labels if not journal.has(c, lb)]) for c in range(n_chunks)]
-        todo = [(c, lbs) for c, lbs in todo if lbs]
-        n_passes = sum(1 + len([lb for lb in lbs if lb not in reuse]) for _, lbs in todo)
+        def checkpoint() -> None:  # after every pass: what is finished survives a crash or a kill
+            if json_out is not None:
+                write_json(report(False, False), json_out)
+
         interrupted = False
-        bar = _progress(n_passes, progress)
-        block = rows_per_block(shared.n_vocab)
         try:
-            with ReferenceStore(shared.n_vocab, block, tmp_dir) as store:
-                for c, pending in todo:
-                    chunk = tokens[c * ctx:(c + 1) * ctx].copy()
-                    if add_bos:
-                        chunk[0] = shared.bos
-                    targets = chunk[first + 1:]
-                    bar.set_postfix_str(f"chunk {c + 1}/{n_chunks} {REFERENCE}", refresh=False)
-                    own = _reference_pass(ref, chunk, targets, store, any(lb in reuse for lb in pending))
-                    bar.update(1)
-                    for label in pending:
-                        if label in reuse:  # the reference's own logits: every comparison is exact (KLD 0)
-                            journal.add(c, label, own, 0.0, 0)
-                        else:
-                            runner = runners[label]
-                            bar.set_postfix_str(f"chunk {c + 1}/{n_chunks} {label}", refresh=False)
-                            t0, n0 = runner.seconds, runner.tokens_decoded
-                            stats = _candidate_pass(runner, chunk, targets, store)
-                            journal.add(c, label, stats, runner.seconds - t0, runner.tokens_decoded - n0)
-                            bar.update(1)
-                        if json_out is not None:  # what is finished survives a crash or a kill
-                            write_json(report(False, False), json_out)
+            _run_passes(shared, tokens, pairs, reuse, ctx, n_chunks, n_threads, squat, journal, tmp_dir,
+                        progress, checkpoint)
         except KeyboardInterrupt:
             interrupted = True
-        finally:
-            bar.close()
         result = report(interrupted, True)
         if json_out is not None:
             write_json(result, json_out)
@@ -402,53 +371,47 @@ def evaluate(
         shared.close()
 
 
+def _run_passes(shared: SharedModel, tokens: np.ndarray, pairs: Sequence[Tuple[str, str, str]], reuse: set,
+                ctx: int, n_chunks: int, n_threads: int, squat: Optional[SquatOptions], journal: Journal,
+                tmp_dir: Optional[PathLike], progress: bool, checkpoint: Any) -> None:
+    """Every pass the journal lacks, chunk by chunk: the reference, then each format."""
+    labels = [label for label, _, _ in pairs]
+    ref = _Runner(shared, f"{REFERENCE} (reference)", *type_ids([(REFERENCE, REFERENCE, REFERENCE)])[0],
+                  ctx, n_threads, squat)
+    runners = {label: _Runner(shared, label, *ids, ctx, n_threads, squat)
+               for label, ids in zip(labels, type_ids(pairs)) if label not in reuse}
+    todo = [(c, [lb for lb in labels if not journal.has(c, lb)]) for c in range(n_chunks)]
+    todo = [(c, pending) for c, pending in todo if pending]
+    bar = _progress(sum(1 + len([lb for lb in pending if lb not in reuse]) for _, pending in todo), progress)
+    first = ctx // 2
+    try:
+        with ReferenceStore(shared.n_vocab, rows_per_block(shared.n_vocab), tmp_dir) as store:
+            for c, pending in todo:
+                chunk = tokens[c * ctx:(c + 1) * ctx].copy()
+                if shared.add_bos:
+                    chunk[0] = shared.bos
+                targets = chunk[first + 1:]
+                bar.set_postfix_str(f"chunk {c + 1}/{n_chunks} {REFERENCE}", refresh=False)
+                own = _reference_pass(ref, chunk, targets, store, any(lb in reuse for lb in pending))
+                bar.update(1)
+                for label in pending:
+                    if label in reuse:  # the reference's own logits: every comparison is exact (KLD 0)
+                        journal.add(c, label, own, 0.0, 0)
+                    else:
+                        runner = runners[label]
+                        bar.set_postfix_str(f"chunk {c + 1}/{n_chunks} {label}", refresh=False)
+                        t0, n0 = runner.seconds, runner.tokens_decoded
+                        stats = _candidate_pass(runner, chunk, targets, store)
+                        journal.add(c, label, stats, runner.seconds - t0, runner.tokens_decoded - n0)
+                        bar.update(1)
+                    checkpoint()
+    finally:
+        bar.close()
+
+
 def _numerics_env() -> Dict[str, str]:
     """Environment variables that change what our cache formats compute."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(("PYLLM_KV_SQUAT_", "PYLLM_KV_DECO_"))}
-
-
-def _report(settings: Dict[str, Any], pairs: Sequence[Tuple[str, str, str]], bits: Dict[str, Dict[str, Any]],
-            reuse: set, journal: Journal, done: List[int], n_chunks: int, interrupted: bool, final: bool,
-            elapsed: float) -> Dict[str, Any]:
-    """The report dict over the chunks every format has finished (``done``)."""
-    results = []
-    for label, _, _ in pairs:
-        acc = Accumulator()
-        for c in done:
-            acc.add(journal.records[(c, label)].stats)
-        rec: Dict[str, Any] = {"format": label}
-        rec.update(bits[label])
-        rec["is_reference"] = label in reuse
-        rec.update(acc.summary())
-        own = [r for (c, lb), r in journal.records.items() if lb == label and r.tokens]
-        seconds = sum(r.seconds for r in own)
-        if seconds > 0:
-            rec["prefill_tok_s"] = sum(r.tokens for r in own) / seconds
-        results.append(rec)
-    out_settings = dict(settings)
-    out_settings["chunks"] = len(done)
-    complete = (not interrupted) and len(done) == n_chunks
-    result = {
-        "tool": "pyllm-kv eval",
-        "version": _version(),
-        "settings": out_settings,
-        "results": results,
-        "complete": complete and final,
-        "interrupted": interrupted,
-        "elapsed_s": elapsed,
-    }
-    if not final:
-        result["in_progress"] = True
-    return result
-
-
-def _version() -> str:
-    try:
-        from . import __version__  # noqa: PLC0415
-
-        return __version__
-    except Exception:  # pragma: no cover
-        return "unknown"
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -457,108 +420,6 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc="eval", unit="pass", disable=not enabled, file=sys.stderr,
                 dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
                 "[{elapsed}<{remaining}, {rate_fmt}] {postfix}")
-
-
-# ---------------------------------------------------------------------------- outputs
-
-
-def _num(x: Optional[float], fmt: str) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    if x == 0:
-        return "0"
-    return format(x, fmt)
-
-
-def _bits(x: float) -> str:
-    return f"{x:g}"
-
-
-def format_table(result: Dict[str, Any]) -> str:
-    """The report as a Markdown table (plus a one-line header of settings)."""
-    s = result["settings"]
-    head = (f"**{Path(s['model']).name}**, ctx {s['ctx']}, {s['chunks']} chunk(s) x "
-            f"{s['scored_per_chunk']} scored tokens, flash attention on, reference: {s['reference']} cache"
-            + ("" if result.get("complete", True) else " — **interrupted: partial results**"))
-    cols = ["format", "K bits", "V bits", "bits/value", "KV B/token", "PPL", "ΔPPL", "KLD mean",
-            "KLD p99", "top-1"]
-    rows = []
-    for r in result["results"]:
-        if not r.get("n_tokens"):
-            rows.append([r["format"], _bits(r["bits_k"]), _bits(r["bits_v"]),
-                         f"{r['bits_per_value']:.3g}", f"{r['kv_bytes_per_token']:.0f}"] + ["–"] * 5)
-            continue
-        dppl = f"{r['ppl_delta']:+.4f} ({r['ppl_delta_pct']:+.2f}%)"
-        rows.append([
-            r["format"] + (" (ref)" if r.get("is_reference") else ""),
-            _bits(r["bits_k"]), _bits(r["bits_v"]), f"{r['bits_per_value']:.3g}",
-            f"{r['kv_bytes_per_token']:.0f}", f"{r['ppl']:.4f}", dppl,
-            _num(r["kld_mean"], ".4g"), _num(r["kld_p99"], ".4g"), f"{100 * r['top1']:.2f}%",
-        ])
-    lines = [head, "", "| " + " | ".join(cols) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def plot(result: Dict[str, Any], path: PathLike) -> Path:
-    """KLD (log scale) against bits per value, one point per format; PNG at ``path``.
-
-    Filled markers: mean KLD; hollow markers above them: 99th percentile. A KLD
-    of exactly 0 (the f16 reference) cannot sit on a log axis: it is drawn on a
-    floor one decade below the smallest positive value and labelled so.
-    """
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    s = result["settings"]
-    recs = [r for r in result["results"] if r.get("n_tokens")]
-    positive = [v for r in recs for v in (r["kld_mean"], r["kld_p99"]) if v and v > 0]
-    floor = 10 ** math.floor(math.log10(min(positive)) - 1) if positive else 1e-6
-
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    cmap = plt.get_cmap("tab10")
-    # formats with the same bits per value (q4_0, iq4_nl, kv4): spread their labels
-    offsets = [((6, -10), "left"), ((-6, -10), "right"), ((6, 4), "left"), ((-6, 4), "right")]
-    seen_x: Dict[float, int] = {}
-    for i, r in enumerate(recs):
-        color = cmap(i % 10)
-        x = r["bits_per_value"]
-        ours = any(formats.resolve(n).is_ours for n in (r["cache_k"], r["cache_v"]))
-        marker = "*" if ours else "o"
-        size = 140 if ours else 60
-        y, y99 = r["kld_mean"], r["kld_p99"]
-        if y > 0:
-            ax.scatter([x], [y], s=size, marker=marker, color=color, zorder=3,
-                       label=f"{r['format']} ({x:.3g} b/v)")
-            if y99 > y:
-                ax.plot([x, x], [y, y99], color=color, lw=0.8, alpha=0.6, zorder=2)
-                ax.scatter([x], [y99], s=size * 0.6, marker=marker, facecolors="none",
-                           edgecolors=color, zorder=3)
-            j = seen_x.get(round(x, 3), 0)
-            seen_x[round(x, 3)] = j + 1
-            xy, ha = offsets[j % len(offsets)]
-            ax.annotate(r["format"], (x, y), textcoords="offset points", xytext=xy, fontsize=8, ha=ha)
-        else:
-            ax.scatter([x], [floor], s=size, marker="v", color=color, zorder=3,
-                       label=f"{r['format']} ({x:.3g} b/v): KLD = 0")
-            ax.annotate(f"{r['format']}: KLD = 0\n(drawn at floor {floor:.0e})", (x, floor),
-                        textcoords="offset points", xytext=(-10, 10), fontsize=8, ha="right")
-    ax.axhline(floor, color="grey", lw=0.6, ls=":", zorder=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per value (K and V together; block scales and side state included)")
-    ax.set_ylabel(f"KL divergence vs {s['reference']} cache (nats, log scale)")
-    ax.set_title(f"{Path(s['model']).name}: ctx {s['ctx']}, {s['chunks']} chunks x "
-                 f"{s['scored_per_chunk']} tokens\nfilled = mean KLD, hollow = 99th percentile",
-                 fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    if recs:
-        ax.legend(fontsize=8, loc="best")
-    else:
-        ax.text(0.5, 0.5, "no finished chunks", transform=ax.transAxes, ha="center", va="center")
-    return report_io.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -21,11 +21,11 @@ from __future__ import annotations
 import ctypes
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _libs, squat_options
+from . import _libs, formats, squat_options
 from .errors import LlamaError, PyllmKvError
 from .squat_options import SquatOptions
 
@@ -186,9 +186,7 @@ class FormatRunner:
             ll.llama_free(ctx)
 
 
-def type_ids(pairs: List[Tuple[str, str, str]]) -> List[Tuple[int, int]]:
-    """ggml type ids of each (label, K, V) (FormatNotAvailable raised by the caller's check)."""
-    from . import formats  # noqa: PLC0415
-
+def type_ids(pairs: Sequence[Tuple[str, str, str]]) -> List[Tuple[int, int]]:
+    """ggml type ids of each (label, K, V) (the caller has checked that the library has them)."""
     return [(_libs.ggml_type_id(formats.resolve(k).ggml), _libs.ggml_type_id(formats.resolve(v).ggml))
             for _, k, v in pairs]
