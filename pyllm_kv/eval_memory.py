@@ -80,7 +80,7 @@ class Estimate:
         return int(sum(self.parts.values()))
 
     def describe(self) -> str:
-        return ", ".join(f"{name} {_gib(b)}" for name, b in self.parts.items() if b)
+        return ", ".join(f"{name} {_gib(b)}" for name, b in self.parts.items() if b >= 0.005 * GiB)
 
 
 def _gib(b: float) -> str:
@@ -108,7 +108,7 @@ def estimate(shape: ModelShape, ctx: int, n_chunks: int, process_bytes: int,
     est.parts["logits buffer"] = 4 * U * V
     est.parts["statistics"] = R * V * (8 * BLOCK_TEMPORARIES + 4)
     est.parts["per-position results"] = 40 * scored * max(1, shape.n_formats) * max(1, int(n_chunks))
-    est.parts["this process"] = int(process_bytes) + _MARGIN
+    est.parts["this process + margin"] = int(process_bytes) + _MARGIN
     est.disk_bytes = 4 * scored * V
     if reference_in_memory:
         est.parts["reference (tmpfs)"] = est.disk_bytes
@@ -233,9 +233,9 @@ def check(shape: ModelShape, ctx: int, n_chunks: int, tmp_dir: Optional[PathLike
                     "not even the smallest --ctx fits: free memory or use a smaller model")
             raise NotEnoughMemory(
                 f"pyllm-kv eval would need about {_gib(result.total)} of memory at --ctx {ctx} "
-                f"({result.describe()}), but only {_gib(avail + rss)} is available ({_gib(avail)} "
-                f"{source}, plus this process's {_gib(rss)}). {hint}; the number of formats does not "
-                "change the memory needed.")
+                f"({result.describe()}), but only {_gib(avail + rss)} is available ({source}: "
+                f"{_gib(avail)}, plus the {_gib(rss)} this process holds). {hint}; the number of formats "
+                "does not change the memory needed.")
     if not in_ram:
         try:
             free = shutil.disk_usage(directory).free
