@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from . import _libs, checks, formats, report_io
+from . import _libs, formats, report_io
 from .report_io import write_json
 from .errors import FormatNotAvailable, LibraryNotFound, PyllmKvError
 from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, read_model_info, side_state_bytes
@@ -752,7 +752,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--reps", "-r", type=int, default=DEFAULT_REPS, help=f"repetitions (default {DEFAULT_REPS})")
     parser.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: llama-bench's)")
     gpu = parser.add_mutually_exclusive_group()
-    gpu.add_argument("-ngl", "--ngl", dest="ngl", type=checks.ngl_option, default=None, metavar="N",
+    gpu.add_argument("-ngl", "--ngl", dest="ngl", type=int, default=None, metavar="N",
                      help="layers to offload to the GPU (default 0; -1 = all)")
     gpu.add_argument("--gpu", action="store_true", help=f"every layer on the GPU (-ngl {GPU_NGL})")
     gpu.add_argument("--device", default=None, metavar="cpu,gpu",

@@ -65,25 +65,12 @@ def load_params(n_ctx: Any, n_batch: Any, n_threads: Any, n_gpu_layers: Any, see
     if n_threads is not None:
         integer("n_threads", n_threads, 1, 4096, " Use None for llama.cpp's default.")
     # llama.cpp reads any negative n_gpu_layers as "all layers".
-    integer("n_gpu_layers", n_gpu_layers, -1, 2**31 - 1, " Use 0 for CPU only, -1 for all layers.")
+    integer("n_gpu_layers", n_gpu_layers, -1, 2**31 - 1,
+            " Use 0 for CPU only, -1 for all layers (--ngl on the command line).")
     integer("seed", seed, 0, UINT32_MAX)
     if not isinstance(flash_attn, bool):
         # A string like "no" is truthy and would silently turn flash attention on.
         raise InvalidParameter(f"flash_attn must be True or False, got {flash_attn!r}.")
-
-
-def ngl_option(text: str) -> int:
-    """argparse type of ``--ngl``: layers on the GPU, -1 for all of them (as llama.cpp's -ngl)."""
-    import argparse  # noqa: PLC0415
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--ngl takes a number of layers, got {text!r}") from None
-    if value < -1:
-        raise argparse.ArgumentTypeError(
-            f"--ngl must be 0 (CPU only), a number of layers, or -1 (all layers), got {value}")
-    return value
 
 
 def kv_fits_in_memory(kv_bytes: float, n_ctx: int, what: str) -> None:

@@ -18,7 +18,7 @@ import importlib
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import checks, formats, squat_options
+from . import formats, squat_options
 from .errors import PyllmKvError
 
 PROG = "pyllm-kv"
@@ -45,7 +45,7 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--cache-v", metavar="F", help="V cache format (overrides --cache); default f16")
     g.add_argument("--ctx", type=int, default=2048, metavar="N", help="context size in tokens (default 2048)")
     g.add_argument("--no-flash-attn", action="store_true", help="disable flash attention (float V caches only)")
-    g.add_argument("--ngl", type=checks.ngl_option, default=0, metavar="N",
+    g.add_argument("--ngl", type=int, default=0, metavar="N",
                    help="layers to offload to the GPU (default 0; -1 = all)")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: llama.cpp's choice)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

@@ -445,7 +445,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="carry on an interrupted run: skip the passes recorded in the journal beside "
                              "--json FILE (FILE.passes.jsonl; written as the run goes)")
-    parser.add_argument("--ngl", type=checks.ngl_option, default=0, metavar="N",
+    parser.add_argument("--ngl", type=int, default=0, metavar="N",
                         help="layers to offload to the GPU (default 0; -1 = all)")
     parser.add_argument("--tmp-dir", default=None, metavar="DIR",
                         help="where the f16 reference of the current chunk is kept (ctx/2 x vocabulary "

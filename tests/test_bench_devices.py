@@ -137,13 +137,17 @@ def test_ngl_minus_one_means_all_layers(tiny, fake_llama_bench):
     ["chat", "--ngl", "-5"],
     ["eval", "--ngl", "-2"],
     ["bench", "-ngl", "-3"],
-    ["generate", "--ngl", "two", "Hi"],
 ])
 def test_ngl_below_minus_one_is_an_error_naming_the_option(argv, capsys):
+    assert cli.main(argv) == 2  # checked before any model is loaded or tool run
+    err = capsys.readouterr().err
+    assert err.startswith("pyllm-kv: error: ") and "--ngl" in err and "-1" in err and "Traceback" not in err
+
+
+def test_ngl_not_a_number_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(argv)
-    assert exc.value.code == 2
-    assert "--ngl" in capsys.readouterr().err
+        cli.main(["generate", "--ngl", "two", "Hi"])
+    assert exc.value.code == 2 and "--ngl" in capsys.readouterr().err
 
 
 def test_ngl_parses_minus_one_everywhere():
