@@ -11,8 +11,8 @@ KV cache               max over the formats (f16 reference included) of
                        ``kv_bytes_per_token x n`` + side state: one context at a time
 compute buffer         ``U x (4 V + 8 n_head x head_dim) + 4 U n`` (the output
                        layer's U x V logits dominate; then activations and the
-                       attention mask). Matches llama.cpp's "compute buffer size"
-                       to within 4 % on SmolLM2, Qwen2.5 and Gemma-3
+                       attention mask). 0-5 % above llama.cpp's "compute buffer
+                       size" for SmolLM2, Qwen2.5 and Gemma-3 at ctx 256-8192
 logits buffer          ``4 U V``: llama.cpp's copy of the requested logits of one
                        ``llama_decode`` call (eval asks for at most U rows per call)
 statistics             ``R V (8 x 8 + 4)``: float64 temporaries of one block and the
