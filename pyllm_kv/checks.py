@@ -65,7 +65,8 @@ def load_params(n_ctx: Any, n_batch: Any, n_threads: Any, n_gpu_layers: Any, see
     if n_threads is not None:
         integer("n_threads", n_threads, 1, 4096, " Use None for llama.cpp's default.")
     # llama.cpp reads any negative n_gpu_layers as "all layers".
-    integer("n_gpu_layers", n_gpu_layers, -1, 2**31 - 1, " Use 0 for CPU only, -1 for all layers.")
+    integer("n_gpu_layers", n_gpu_layers, -1, 2**31 - 1,
+            " Use 0 for CPU only, -1 for all layers (--ngl on the command line).")
     integer("seed", seed, 0, UINT32_MAX)
     if not isinstance(flash_attn, bool):
         # A string like "no" is truthy and would silently turn flash attention on.

@@ -49,7 +49,7 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--ctx", type=int, default=2048, metavar="N", help="context size in tokens (default 2048)")
     g.add_argument("--no-flash-attn", action="store_true", help="disable flash attention (float V caches only)")
     g.add_argument("--ngl", type=int, default=0, metavar="N",
-                   help="layers to offload to the GPU or the --rpc servers (default 0)")
+                   help="layers to offload to the GPU or the --rpc servers (default 0; -1 = all)")
     g.add_argument("--rpc", metavar="HOST:PORT,...", default=None,
                    help="ggml-rpc-servers for the offloaded layers and their KV cache (docs/rpc.md)")
     g.add_argument("--tensor-split", metavar="W,W,...", default=None,
