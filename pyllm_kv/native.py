@@ -34,6 +34,9 @@ bool pkv_validate_row(int bits, const void * data, size_t nbytes);
 uint16_t pkv_fp32_to_fp16(float f);
 float pkv_fp16_to_fp32(uint16_t h);
 int pkv_sym_eig(int n, const double * A, double * evals, double * evecs);
+int pkv_sym_eig_top(int n, const double * A, int r, double * evals, double * evecs);
+int pkv_squat_prepare_gram(const float * C, int64_t n_q, int d, int r, float lambda,
+                           int normalize, float * U);
 int pkv_cholesky_upper(int n, const double * A, double * U);
 int pkv_deco_fit(const float * x, int64_t n_rows, int64_t row_stride, int64_t row_len,
                  int g, int variant, float * S, float * Sinv);
@@ -186,6 +189,36 @@ def sym_eig(A):
     if rc:
         raise NativeCallError("pkv_sym_eig", rc)
     return evals, evecs
+
+
+def sym_eig_top(A, r: int):
+    """The r largest eigenpairs (tridiagonalisation + inverse iteration):
+    (evals descending, evecs n x r, column k for evals[k])."""
+    ffi, L = lib()
+    A = _f64(A)
+    n = A.shape[0]
+    if A.shape != (n, n):
+        raise ValueError(f"need a square matrix, got shape {A.shape}")
+    evals = np.empty(max(r, 1), dtype=np.float64)
+    evecs = np.empty((n, max(r, 1)), dtype=np.float64)
+    rc = L.pkv_sym_eig_top(n, ffi.from_buffer("double[]", A), r, ffi.from_buffer("double[]", evals),
+                           ffi.from_buffer("double[]", evecs))
+    if rc:
+        raise NativeCallError("pkv_sym_eig_top", rc)
+    return evals[:r], evecs[:, :r]
+
+
+def squat_prepare_gram(C, n_q: int, r: int, lam: float, normalize: bool = True) -> np.ndarray:
+    """SQuat factor U from the Gram matrix C = q^T q (d x d float32)."""
+    ffi, L = lib()
+    C = _f32(np.asarray(C))
+    d = C.shape[0]
+    U = np.empty((d, d), dtype=np.float32)
+    rc = L.pkv_squat_prepare_gram(ffi.from_buffer("float[]", C), n_q, d, r, lam, int(bool(normalize)),
+                                  ffi.from_buffer("float[]", U))
+    if rc:
+        raise NativeCallError("pkv_squat_prepare_gram", rc)
+    return U
 
 
 def cholesky_upper(A) -> np.ndarray:

@@ -1,6 +1,7 @@
 """native/ side-state math (native/include/pkv/sidestate.h) against float64 numpy.
 
 * pkv_sym_eig      cyclic Jacobi vs numpy.linalg.eigh
+* pkv_sym_eig_top  the r largest eigenpairs (tridiagonal + inverse iteration) vs eigh
 * pkv_deco_fit     DecoQuant's g x g group transform vs an SVD-based reference
 * pkv_squat_*      SQuat's Cholesky factor and GPTQ-style key encoder vs a
                    float64 reference of the same algorithm, plus the property
@@ -103,6 +104,86 @@ def test_sym_eig_trivial_and_bad_args():
     buf = ffi.new("double[4]")
     assert L.pkv_sym_eig(0, buf, buf, buf) != 0
     assert L.pkv_sym_eig(2, ffi.NULL, buf, buf) != 0
+
+
+# --------------------------------------------------------------------------
+# pkv_sym_eig_top
+# --------------------------------------------------------------------------
+
+def check_eig_top(A, r, tol=1e-12):
+    n = A.shape[0]
+    w, V = native.sym_eig_top(A, r)
+    scale = max(np.abs(A).max(), 1e-300)
+    w_ref = np.linalg.eigvalsh(A)[::-1][:r]
+    assert w.shape == (r,) and V.shape == (n, r)
+    np.testing.assert_allclose(w, w_ref, rtol=0, atol=tol * scale * n)
+    np.testing.assert_allclose(V.T @ V, np.eye(r), rtol=0, atol=tol * n * 10)
+    np.testing.assert_allclose(A @ V, V * w, rtol=0, atol=tol * scale * n * 10)
+    idx = np.argmax(np.abs(V), axis=0)
+    assert np.all(V[idx, np.arange(r)] > 0)
+    return w, V
+
+
+@pytest.mark.parametrize("n,r", [(1, 1), (2, 2), (3, 2), (16, 16), (64, 20), (128, 20), (256, 8)])
+def test_sym_eig_top_random_and_gram(n, r):
+    rng = np.random.default_rng()
+    X = rng.standard_normal((n, n)) * rng.uniform(0.01, 100)
+    check_eig_top(X + X.T, r)
+    # a query-like Gram matrix: decaying spectrum, a few outlier channels
+    Q = rng.standard_normal((4 * n + 7, n)) * np.exp(-np.arange(n) / rng.uniform(3, 30))
+    Q[:, rng.integers(0, n, size=min(3, n))] *= 40.0
+    G = Q.T @ Q
+    w, V = check_eig_top(G, r)
+    # same subspace as Jacobi's top-r where the spectrum has a gap after r
+    wj, Vj = native.sym_eig(G)
+    if r < n and wj[r - 1] - wj[r] > 1e-6 * wj[0]:
+        P, Pj = V @ V.T, Vj[:, :r] @ Vj[:, :r].T
+        np.testing.assert_allclose(P, Pj, atol=1e-7)
+
+
+@pytest.mark.parametrize("n", [8, 64, 128])
+def test_sym_eig_top_clusters_zero_and_rank_deficient(n):
+    rng = np.random.default_rng()
+    Qo = random_orthogonal(rng, n)
+    lam = np.concatenate([np.full(n // 2, 5.0), np.full(n // 4, 1.0), np.zeros(n - n // 2 - n // 4)])
+    A = 0.5 * ((Qo * lam) @ Qo.T + ((Qo * lam) @ Qo.T).T)
+    check_eig_top(A, n // 2 + 2)                 # through a repeated eigenvalue and into the next
+    check_eig_top(np.eye(n) * 3.0, n // 2)       # all equal: any orthonormal basis
+    w, V = native.sym_eig_top(np.zeros((n, n)), 4)
+    np.testing.assert_array_equal(w, 0.0)
+    np.testing.assert_allclose(V.T @ V, np.eye(4))
+    X = rng.standard_normal((3, n)) * 1e3        # rank 3, as a 1-token GQA-3 prompt's Gram
+    check_eig_top(X.T @ X, min(8, n))
+
+
+def test_sym_eig_top_bad_args():
+    A = np.eye(4)
+    A[0, 3] = A[3, 0] = np.inf
+    with pytest.raises(native.NativeCallError):
+        native.sym_eig_top(A, 2)
+    ffi, L = native.lib()
+    buf = ffi.new("double[16]")
+    assert L.pkv_sym_eig_top(4, buf, 5, buf, buf) != 0      # r > n
+    assert L.pkv_sym_eig_top(4, buf, -1, buf, buf) != 0
+    assert L.pkv_sym_eig_top(4, ffi.NULL, 2, buf, buf) != 0
+    assert L.pkv_sym_eig_top(0, buf, 0, buf, buf) != 0
+
+
+def test_squat_prepare_from_gram_equals_from_queries():
+    """The graph's path (Gram matrix by a matmul, then the fit) gives the U of
+    the query-rows path to float32 rounding."""
+    rng = np.random.default_rng()
+    for d, n_q in [(64, 300), (128, 4096), (128, 2)]:
+        q = (rng.standard_normal((n_q, d)) * np.exp(-np.arange(d) / 12)).astype(np.float32)
+        q[:, :2] *= 30
+        U_rows = native.squat_prepare(q, d, 20, 100.0)
+        C = (q.astype(np.float64).T @ q.astype(np.float64)).astype(np.float32)
+        U_gram = native.squat_prepare_gram(C, n_q, 20, 100.0)
+        np.testing.assert_allclose(U_gram, U_rows, atol=2e-5)
+        assert np.all(np.tril(U_gram, -1) == 0)
+        A_inv = U_gram.astype(np.float64).T @ U_gram
+        ev = np.linalg.eigvalsh(A_inv)
+        assert ev.max() <= 1 + 1e-5 and ev.min() > 0      # A >= I
 
 
 def test_cholesky_upper():

@@ -16,6 +16,8 @@
 #       on the GPU: generate/chat/state, KLD GPU vs CPU, iSWA side state) and
 #       tests/test_exports.py; the CUDA-vs-CPU KLD experiment with and without
 #       upstream's Hadamard rotation (llama-perplexity, LLAMA_ATTN_ROT_DISABLE).
+#   bash bench/device/gpu_run.sh prof      (no carry; after build)
+#       decode tg32 at one depth with CUDA graphs on/off, nsys kernel/API sums.
 #   bash bench/device/gpu_run.sh bench     (no carry)
 #       llama-bench, Llama-8B shape (random Q4_0 weights), FA on:
 #       tg64 and pp2048 at depths $DEPTHS for f16, q4_0 and $FORMATS (K/V pairs),
@@ -52,13 +54,16 @@ if [ "$STAGE" = build ]; then
        "$(nm -D --defined-only $B/bin/libggml-cuda.so | grep -v ' ggml_\| gguf_' | wc -l) outside ggml_/gguf_" >> $LOG
   timeout 120 $B/bin/pkv-cuda-test 20261207 > $OUT/pkv_cuda_test.log 2>&1
   echo "pkv-cuda-test rc=$?: $(tail -1 $OUT/pkv_cuda_test.log)" >> $LOG
+  grep -E "^timing|FAIL" $OUT/pkv_cuda_test.log >> $LOG
   # the Python API on the GPU on random-weight models (no real model here yet)
   export PYLLM_KV_CORPUS=/nonexistent
   (timeout 150 python3 bench/device/gpu_smoke.py) > $OUT/gpu_smoke.log 2>&1
   echo "gpu_smoke rc=$? at ${SECONDS}s" >> $LOG; grep -E "gguf|FAILED|Error" $OUT/gpu_smoke.log | head -20 >> $LOG
   ours='(kv[234]|squat[234]|deco[234])'
+  # TBO_OPS: which of these to run (default all; a speed round may keep SET_ROWS GET_ROWS)
   for spec in "SET_ROWS|type=$ours" "GET_ROWS|type=$ours" "CPY|$ours" "FLASH_ATTN_EXT|hsk=256,.*$ours" \
               "FLASH_ATTN_EXT|hsk=128,.*nb=1,.*type_K=$ours"; do
+    case " ${TBO_OPS:-SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT} " in *" ${spec%%|*} "*) ;; *) continue ;; esac
     op=${spec%%|*}; pat=${spec#*|}
     [ $((SECONDS + 40)) -lt "$LIMIT" ] || break
     timeout $((LIMIT - SECONDS - 10)) $B/bin/test-backend-ops -b CUDA0 -o $op -p "$pat" > /tmp/tbo.log 2>&1
@@ -93,6 +98,37 @@ elif [ "$STAGE" = py ]; then
     done
   done
   [ $((SECONDS + 90)) -lt "$LIMIT" ] && GPU_RUN_LIMIT=$((LIMIT - SECONDS)) bash bench/device/gpu_run.sh bench-only
+elif [ "$STAGE" = prof ]; then
+  # Where decode time goes, per K/V pair at depth $PROF_DEPTH: tg32 with CUDA
+  # graphs on and off (a pair that cannot use graphs shows no difference), then
+  # nsys's per-kernel and per-API sums (or ncu's per-kernel summary without nsys).
+  [ -f /tmp/shape.gguf ] || python3 bench/make_shape_model.py --preset ${SHAPE:-llama8b} --out /tmp/shape.gguf > /tmp/shape.log 2>&1
+  NSYS=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -1)
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  echo "nsys=$NSYS ncu=$NCU" >> $LOG
+  for kv in ${PROF_FORMATS:-kv4/kv4 squat4/kv4}; do
+    k=${kv%/*}; v=${kv#*/}
+    [ $((SECONDS + 60)) -lt "$LIMIT" ] || break
+    for g in 0 1; do
+      r=$(GGML_CUDA_DISABLE_GRAPHS=$g timeout 90 $B/bin/llama-bench -m /tmp/shape.gguf -ngl 99 -fa 1 -ctk $k -ctv $v \
+          -p 0 -n 32 -d ${PROF_DEPTH:-8192} -r 1 -o csv 2>/dev/null | tail -1 | awk -F, '{print $(NF-1)}')
+      echo "prof $kv graphs_disabled=$g tg32@${PROF_DEPTH:-8192}: $r tok/s" >> $LOG
+    done
+    if [ -n "$NSYS" ]; then
+      timeout 120 $NSYS profile -t cuda -o /tmp/prof_${k}_${v} --force-overwrite true $B/bin/llama-bench -m /tmp/shape.gguf \
+          -ngl 99 -fa 1 -ctk $k -ctv $v -p 0 -n 32 -d ${PROF_DEPTH:-8192} -r 1 > /dev/null 2>&1
+      timeout 60 $NSYS stats -q --report cuda_gpu_kern_sum,cuda_api_sum --format csv -o /tmp/stats_${k}_${v} \
+          /tmp/prof_${k}_${v}.nsys-rep > /dev/null 2>&1
+      cp /tmp/stats_${k}_${v}*.csv $OUT/ 2>/dev/null
+      for f in /tmp/stats_${k}_${v}*kern_sum*.csv; do echo "-- $kv top kernels:"; head -12 "$f" | cut -c1-220; done >> $LOG
+      for f in /tmp/stats_${k}_${v}*api_sum*.csv; do echo "-- $kv top API:"; head -8 "$f" | cut -c1-160; done >> $LOG
+    elif [ -n "$NCU" ]; then
+      timeout 150 $NCU --kernel-name regex:"set_rows|fattn|squat" -c 40 --print-summary per-kernel $B/bin/llama-bench \
+          -m /tmp/shape.gguf -ngl 99 -fa 1 -ctk $k -ctv $v -p 0 -n 4 -d 512 -r 1 > $OUT/ncu_${k}_${v}.txt 2>&1
+      grep -E "set_rows|squat|Duration" $OUT/ncu_${k}_${v}.txt | head -20 >> $LOG
+    fi
+  done
+  cat $LOG
 elif [ "$STAGE" = bench ] || [ "$STAGE" = bench-only ]; then
   FORMATS=${FORMATS:-f16/f16 q4_0/q4_0 kv4/kv4 squat4/kv4 deco4/kv4}
   DEPTHS=${DEPTHS:-0,8192,32768}

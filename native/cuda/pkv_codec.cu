@@ -159,12 +159,23 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
     const int64_t row = (int64_t) *(const idx_t *) (idx + t * nb10);
     uint8_t * out = (uint8_t *) (dst + row * nb1) + (size_t) h * NB * fmt<B>::bytes;
 
+    /* 1/U[j][j] of the value each lane owns, off the serial chain below
+     * (the C reference multiplies by the same correctly rounded reciprocal) */
+    double rinv[2 * NB];
+#pragma unroll
+    for (int k = 0; k < 2 * NB; k++) {
+        const int j = 32 * k + lane;
+        const double ujj = (double) __half2float(su[j * D - j * (j - 1) / 2]);
+        rinv[k] = (ujj > 0.0 && isfinite(ujj)) ? __drcp_rn(ujj) : 0.0;   /* 0: no error propagated */
+    }
+
 #pragma unroll
     for (int b = 0; b < NB; b++) {
         const block_params p = block_params_warp<B>(sanitize((float) w[2 * b]), sanitize((float) w[2 * b + 1]), lane);
         uint32_t c[2] = { 0, 0 };
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
+#pragma unroll
             for (int o = 0; o < 32; o++) {              /* value j of the head, owned by lane o */
                 const int j = PKV_BLOCK * b + 32 * hh + o;
                 const __half * urow = su + (j * D - j * (j - 1) / 2) - j;   /* urow[c] = U[j][c], c >= j */
@@ -172,11 +183,8 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
                 if (lane == o) {
                     const uint32_t code = code_of<B>(sanitize((float) w[2 * b + hh]), p);
                     c[hh] = code;
-                    const double ujj = (double) __half2float(urow[j]);
-                    if (ujj > 0.0 && isfinite(ujj)) {
-                        const double qv = __dadd_rn((double) p.m, __dmul_rn((double) p.d, (double) code));
-                        err = __ddiv_rn(__dsub_rn(w[2 * b + hh], qv), ujj);
-                    }
+                    const double qv = __dadd_rn((double) p.m, __dmul_rn((double) p.d, (double) code));
+                    err = __dmul_rn(__dsub_rn(w[2 * b + hh], qv), rinv[2 * b + hh]);
                 }
                 err = __shfl_sync(0xffffffffu, err, o);
                 if (err == 0.0) continue;               /* warp-uniform */

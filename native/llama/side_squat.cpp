@@ -1,6 +1,7 @@
 // SQuat side state (squat4/squat3/squat2 keys; docs/squat.md): per layer and
 // KV head, the upper Cholesky factor U of A^-1, A = I + lambda Q^T Q, where Q
-// spans the subspace of the first ubatch's queries of that head's GQA group.
+// spans the subspace of the first ubatch's queries of that head's GQA group
+// (their Gram matrix is a matmul in the graph, the eigen-fit a CPU op).
 // Keys are stored by the SQuat encoder (error pushed out of that subspace) as
 // plain kv blocks, so attention reads them like kv*: nothing to undo at read
 // time. The numerics are pkv_squat_prepare / pkv_squat_quantize_row
@@ -53,7 +54,18 @@ public:
         if (fitted()) {
             graph_U = dev;
         } else {
-            ggml_tensor * args[1] = { qc };
+            // The Gram matrix of each KV head's GQA group of queries, on the
+            // backend that holds them (a matmul: on a GPU it costs nothing
+            // next to the prompt); only d x d per head crosses to the CPU fit.
+            const int64_t n_gqa = qc->ne[1] / n_head;
+            const int64_t n_tok = qc->ne[2] * qc->ne[3];
+            ggml_tensor * x = ggml_reshape_4d(ctx, qc, d, n_gqa, n_head, n_tok);
+            x = ggml_cont(ctx, ggml_permute(ctx, x, 2, 0, 3, 1));   // [n_gqa, n_tok, d, n_head]
+            x = ggml_reshape_3d(ctx, x, n_gqa * n_tok, d, n_head);
+            ggml_tensor * gram = ggml_mul_mat(ctx, x, x);            // [d, d, n_head]
+            ggml_mul_mat_set_prec(gram, GGML_PREC_F32);
+            fit_rows = n_gqa * n_tok;
+            ggml_tensor * args[1] = { gram };
             ggml_tensor * fit = ggml_custom_4d(ctx, GGML_TYPE_F16, (int64_t) packed(), n_head, 1, 1, args, 1,
                                                fit_op, GGML_N_TASKS_MAX, this);
             graph_U = ggml_cpy(ctx, fit, dev); // into the cache's tensor; the store reads the copy
@@ -165,6 +177,7 @@ private:
     std::vector<uint8_t> head_fitted; // per head: the fit op runs its heads on several threads
     ggml_tensor * dev = nullptr;      // U in the cache's buffer [packed, n_head] f16
     ggml_tensor * graph_U = nullptr;  // this graph's U, attn_in_k -> store_k
+    int64_t fit_rows = 0;             // query rows behind the unfitted graph's Gram matrices
 
     size_t packed() const { return pkv_squat_packed_len(d); }
 
@@ -184,31 +197,25 @@ private:
         head_fitted.assign((size_t) n_head, 0);
     }
 
-    // CPU, threads split the heads: fit each unfitted head from the rows of its
-    // GQA group's queries (src[0], f32 [d, n_head_q, tokens]); output U of every
-    // head (packed fp16, [packed, n_head]).
+    // CPU, threads split the heads: fit each unfitted head from the Gram
+    // matrix of its GQA group's queries (src[0], f32 [d, d, n_head], fit_rows
+    // query rows each); output U of every head (packed fp16, [packed, n_head]).
     static void fit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         auto * self = static_cast<squat_slot *>(userdata);
-        const ggml_tensor * q = dst->src[0];
-        const int     d      = self->d;
-        const int64_t n_hq   = q->ne[1];
-        const int64_t n_tok  = q->ne[2] * q->ne[3];
-        const int64_t n_gqa  = n_hq / self->n_head;
+        const ggml_tensor * gram = dst->src[0];
+        const int d = self->d;
         for (int h = ith; h < self->n_head; h += nth) {
             uint16_t * Uh = self->U.data() + (size_t) h * self->packed();
             if (!self->head_fitted[h]) {
-                // rows: every token's queries of the heads that read KV head h
-                std::vector<float> rows((size_t) (n_tok * n_gqa * d));
-                for (int64_t t = 0; t < n_tok; ++t) {
-                    for (int64_t i = 0; i < n_gqa; ++i) {
-                        const float * src = (const float *) q->data + (t * n_hq + h * n_gqa + i) * d;
-                        memcpy(rows.data() + (t * n_gqa + i) * d, src, (size_t) d * sizeof(float));
-                    }
+                std::vector<float> C((size_t) d * d);
+                for (int i = 0; i < d; ++i) {
+                    memcpy(C.data() + (size_t) i * d, (const char *) gram->data + h * gram->nb[2] + i * gram->nb[1],
+                           (size_t) d * sizeof(float));
                 }
-                // on failure pkv_squat_prepare leaves U = I: this head is then plain kv
+                // on failure pkv_squat_prepare_gram leaves U = I: this head is then plain kv
                 std::vector<float> Ud((size_t) d * d);
-                pkv_squat_prepare(rows.data(), n_tok * n_gqa, d, self->st.squat_rank, self->st.squat_lambda,
-                                  self->st.squat_normalize ? 1 : 0, Ud.data());
+                pkv_squat_prepare_gram(C.data(), self->fit_rows, d, self->st.squat_rank, self->st.squat_lambda,
+                                       self->st.squat_normalize ? 1 : 0, Ud.data());
                 pkv_squat_pack(Ud.data(), d, Uh);
                 self->head_fitted[h] = 1;
                 bump_epoch();

@@ -36,23 +36,83 @@ static void identity_f(int d, float * U) {
     }
 }
 
+int pkv_squat_prepare_gram(const float * C, int64_t n_q, int d, int r, float lambda,
+                           int normalize, float * U) {
+    if (!U || d < 1 || d > PKV_LINALG_MAX_N) return -1;
+    identity_f(d, U);   /* the answer for every trivial and error case */
+    if (n_q < 0 || r < 0 || !isfinite(lambda) || lambda < 0.0f || (!C && n_q > 0)) return -1;
+    if (n_q == 0 || r == 0 || lambda == 0.0f) return 0;
+
+    const size_t dd = (size_t) d * d;
+    int rr = r;
+    if (rr > d) rr = d;
+    if ((int64_t) rr > n_q) rr = (int) n_q;
+    double * G   = malloc(dd * sizeof(double));
+    double * V   = malloc((size_t) d * rr * sizeof(double));
+    double * lam = malloc((size_t) rr * sizeof(double));
+    if (!G || !V || !lam) {
+        free(G); free(V); free(lam);
+        return -2;
+    }
+    /* non-finite Gram entries (non-finite queries upstream): this head stays plain */
+    int finite = 1;
+    for (size_t i = 0; i < dd; i++) {
+        G[i] = (double) C[i];
+        if (!isfinite(G[i])) finite = 0;
+    }
+    int rc = finite ? pkv_sym_eig_top(d, G, rr, lam, V) : 0;
+    if (finite && rc == 0 && isfinite(lam[0]) && lam[0] > 0.0) {
+        /* Q_hat^T Q_hat = sum_{i<r} lam_i v_i v_i^T (sigma_i^2 = lam_i), divided
+         * by lam_0 when normalised. A^-1 = I - sum_i c_i v_i v_i^T with
+         * c_i = lambda w_i / (1 + lambda w_i) in [0, 1): closed form, exact to
+         * rounding, no general inverse needed. G is reused for A^-1. */
+        const double scale = normalize ? 1.0 / lam[0] : 1.0;
+        memset(G, 0, dd * sizeof(double));
+        for (int i = 0; i < d; i++) G[(size_t) i * d + i] = 1.0;
+        for (int k = 0; k < rr; k++) {
+            /* descending: the rest are zero too (a rank-deficient Gram's
+             * eigenvalues are zero to rounding, kept out as before) */
+            if (!(lam[k] > lam[0] * 1e-12)) break;
+            double wgt = (double) lambda * lam[k] * scale;
+            if (wgt > PKV_SQUAT_MAX_WEIGHT) wgt = PKV_SQUAT_MAX_WEIGHT;
+            const double c = wgt / (1.0 + wgt);
+            for (int i = 0; i < d; i++) {
+                const double cvi = c * V[(size_t) i * rr + k];
+                if (cvi == 0.0) continue;
+                double * ai = G + (size_t) i * d;
+                for (int j = i; j < d; j++) ai[j] -= cvi * V[(size_t) j * rr + k];
+            }
+        }
+        /* upper triangle of A^-1 is what the factorisation reads */
+        rc = pkv_cholesky_upper(d, G, G);
+        if (rc == 0) {
+            for (size_t i = 0; i < dd; i++) U[i] = (float) G[i];
+        }
+    } else if (rc == -1) {
+        rc = 0;   /* cannot happen (G is finite); keep U = I */
+    }
+    /* lam_0 == 0 (all-zero queries): U = I as documented */
+
+    if (rc != 0) identity_f(d, U);
+    free(G); free(V); free(lam);
+    return rc;
+}
+
 int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float lambda,
                       int normalize, float * U) {
     if (!U || d < 1 || d > PKV_LINALG_MAX_N) return -1;
-    identity_f(d, U);   /* the answer for every trivial and error case */
+    identity_f(d, U);
     if (n_q < 0 || r < 0 || !isfinite(lambda) || lambda < 0.0f || (!q && n_q > 0)) return -1;
     if (n_q == 0 || r == 0 || lambda == 0.0f) return 0;
 
     const size_t dd = (size_t) d * d;
     double * C   = calloc(dd, sizeof(double));
-    double * V   = malloc(dd * sizeof(double));
-    double * lam = malloc((size_t) d * sizeof(double));
+    float  * Cf  = malloc(dd * sizeof(float));
     double * row = malloc((size_t) d * sizeof(double));
-    if (!C || !V || !lam || !row) {
-        free(C); free(V); free(lam); free(row);
+    if (!C || !Cf || !row) {
+        free(C); free(Cf); free(row);
         return -2;
     }
-
     /* C = q^T q (upper triangle, then mirrored); non-finite entries count as 0 */
     for (int64_t t = 0; t < n_q; t++) {
         const float * qt = q + t * d;
@@ -67,43 +127,9 @@ int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float lambda,
     for (int i = 0; i < d; i++) {
         for (int j = 0; j < i; j++) C[(size_t) i * d + j] = C[(size_t) j * d + i];
     }
-
-    int rc = pkv_sym_eig(d, C, lam, V);
-    if (rc == 0 && isfinite(lam[0]) && lam[0] > 0.0) {
-        /* Q_hat^T Q_hat = sum_{i<r} lam_i v_i v_i^T (sigma_i^2 = lam_i), divided
-         * by lam_0 when normalised. A^-1 = I - sum_i c_i v_i v_i^T with
-         * c_i = lambda w_i / (1 + lambda w_i) in [0, 1): closed form, exact to
-         * rounding, no general inverse needed. C is reused for A^-1. */
-        int rr = r;
-        if (rr > d) rr = d;
-        if ((int64_t) rr > n_q) rr = (int) n_q;
-        const double scale = normalize ? 1.0 / lam[0] : 1.0;
-        memset(C, 0, dd * sizeof(double));
-        for (int i = 0; i < d; i++) C[(size_t) i * d + i] = 1.0;
-        for (int k = 0; k < rr; k++) {
-            if (!(lam[k] > 0.0)) break;   /* descending: the rest are zero too */
-            double wgt = (double) lambda * lam[k] * scale;
-            if (wgt > PKV_SQUAT_MAX_WEIGHT) wgt = PKV_SQUAT_MAX_WEIGHT;
-            const double c = wgt / (1.0 + wgt);
-            for (int i = 0; i < d; i++) {
-                const double cvi = c * V[(size_t) i * d + k];
-                if (cvi == 0.0) continue;
-                double * ai = C + (size_t) i * d;
-                for (int j = i; j < d; j++) ai[j] -= cvi * V[(size_t) j * d + k];
-            }
-        }
-        /* upper triangle of A^-1 is what the factorisation reads */
-        rc = pkv_cholesky_upper(d, C, C);
-        if (rc == 0) {
-            for (size_t i = 0; i < dd; i++) U[i] = (float) C[i];
-        }
-    } else if (rc == -1) {
-        rc = 0;   /* cannot happen (C is finite); keep U = I */
-    }
-    /* lam_0 == 0 (all-zero queries): U = I as documented */
-
-    if (rc != 0) identity_f(d, U);
-    free(C); free(V); free(lam); free(row);
+    for (size_t i = 0; i < dd; i++) Cf[i] = (float) C[i];
+    const int rc = pkv_squat_prepare_gram(Cf, n_q, d, r, lambda, normalize, U);
+    free(C); free(Cf); free(row);
     return rc;
 }
 
@@ -177,7 +203,9 @@ static void squat_quantize_row(int bits, const float * k, const float * U, int d
             const double ujj = (double) U[(size_t) j * d + j];
             if (!(ujj > 0.0) || !isfinite(ujj)) continue;
             const double qv = (double) m + (double) dq * (double) code;
-            const double err = (w[j] - qv) / ujj;
+            /* times the rounded reciprocal, not a division: the CUDA encoder
+             * takes 1/U[j][j] off its serial chain this way, bit-identically */
+            const double err = (w[j] - qv) * (1.0 / ujj);
             if (err == 0.0) continue;
             obs_update(w + j + 1, U + (size_t) j * d + j + 1, err, d - j - 1);
         }

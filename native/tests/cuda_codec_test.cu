@@ -175,6 +175,56 @@ static bool test_squat(int bits, int d, int idx_i64) {
     return ok;
 }
 
+/* Encoder latency (not a pass/fail case): microseconds per launch of the
+ * SQuat encoder vs the plain one for a decode step (1 token) and a prefill
+ * ubatch of one layer, Llama-8B's K layout (8 KV heads of 128), averaged over
+ * back-to-back launches on one stream. */
+static void time_encoders() {
+    const int d = 128, n_head = 8, bits = 4;
+    const int64_t row_len = (int64_t) n_head * d;
+    for (int64_t n_tok : {(int64_t) 1, (int64_t) 512}) {
+        std::vector<float> x = randn((size_t) row_len * n_tok, 1.0f);
+        std::vector<int32_t> idx(n_tok);
+        for (int64_t t = 0; t < n_tok; t++) idx[t] = (int32_t) t;
+        const size_t row_b = (size_t) (row_len / PKV_BLOCK) * pkv_block_bytes(bits);
+        std::vector<uint16_t> Up((size_t) n_head * pkv_squat_packed_len(d));
+        std::vector<float> q = randn((size_t) 64 * d, 1.0f), U((size_t) d * d);
+        pkv_squat_prepare(q.data(), 64, d, 20, 100.0f, 1, U.data());
+        for (int h = 0; h < n_head; h++) pkv_squat_pack(U.data(), d, Up.data() + h * pkv_squat_packed_len(d));
+        float * xd = to_dev(x);
+        int32_t * idd = to_dev(idx);
+        uint16_t * Ud = to_dev(Up);
+        uint8_t * dst = nullptr;
+        CK(cudaMalloc(&dst, row_b * n_tok));
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+        const int reps = 200;
+        float ms[2];
+        for (int squat = 0; squat < 2; squat++) {
+            for (int rep = -10; rep < reps; rep++) {
+                if (rep == 0) CK(cudaEventRecord(e0, 0));
+                if (squat) {
+                    pkv_cuda_squat_set_rows(bits, d, n_head, xd, idd, 0, Ud, dst, n_tok, row_len * sizeof(float),
+                                            sizeof(int32_t), row_b, 0);
+                } else {
+                    pkv_cuda_set_rows(bits, xd, PKV_CUDA_T_F32, idd, 0, dst, row_len, n_tok, 1, 1,
+                                      row_len * sizeof(float), row_len * sizeof(float) * n_tok,
+                                      row_len * sizeof(float) * n_tok, 1, 1, sizeof(int32_t),
+                                      sizeof(int32_t) * n_tok, sizeof(int32_t) * n_tok, row_b, row_b * n_tok,
+                                      row_b * n_tok, 0);
+                }
+            }
+            CK(cudaEventRecord(e1, 0));
+            CK(cudaEventSynchronize(e1));
+            CK(cudaEventElapsedTime(&ms[squat], e0, e1));
+        }
+        printf("timing set_rows %lld token(s) x %d heads x d=%d: kv4 %.2f us, squat4 %.2f us per launch\n",
+               (long long) n_tok, n_head, d, 1e3 * ms[0] / reps, 1e3 * ms[1] / reps);
+        CK(cudaFree(xd)); CK(cudaFree(idd)); CK(cudaFree(Ud)); CK(cudaFree(dst));
+        CK(cudaEventDestroy(e0)); CK(cudaEventDestroy(e1));
+    }
+}
+
 int main(int argc, char ** argv) {
     const unsigned long long seed = argc > 1 ? strtoull(argv[1], nullptr, 10) : (unsigned long long) time(nullptr);
     rng.seed(seed);
@@ -188,6 +238,7 @@ int main(int argc, char ** argv) {
             fails += !test_squat(bits, d, d == 128); n++;
         }
     }
+    time_encoders();
     printf("%d of %d cases passed\n", n - fails, n);
     return fails == 0 ? 0 : 1;
 }

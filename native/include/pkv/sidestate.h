@@ -53,6 +53,16 @@ extern "C" {
  * 30 ms at n = 128, 0.2-0.5 s at n = 256. */
 PKV_API int pkv_sym_eig(int n, const double * A, double * evals, double * evecs);
 
+/* The r largest eigenpairs of a real symmetric n x n matrix A (0 <= r <= n):
+ * Householder tridiagonalisation, bisection, inverse iteration (eig_top.c);
+ * ~4/3 n^3 flops instead of Jacobi's ~50 n^3, for fits on a prompt's
+ * critical path. evals: r values, descending; evecs: n x r row-major, column
+ * k (evecs[i*r + k]) the unit eigenvector of evals[k], orthonormal to
+ * rounding also within clusters of equal eigenvalues; sign rule as
+ * pkv_sym_eig. A is read in full and symmetrised. Returns 0; -1 on bad
+ * arguments or non-finite A; -2 out of memory. */
+PKV_API int pkv_sym_eig_top(int n, const double * A, int r, double * evals, double * evecs);
+
 /* Upper Cholesky factor of a symmetric positive definite n x n matrix:
  * A = U^T U, U upper triangular with positive diagonal (strictly lower part
  * written as 0). Only the upper triangle of A is read. U may alias A.
@@ -151,6 +161,14 @@ PKV_API int pkv_deco_fit(const float * x, int64_t n_rows, int64_t row_stride, in
 PKV_API int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float lambda,
                               int normalize, float * U);
 
+/* pkv_squat_prepare from the Gram matrix C = q^T q (d x d row-major float,
+ * symmetric; n_q = the number of query rows it sums, for the rank cap), as
+ * the graph computes it on the backend that holds the queries (a GPU's
+ * matmul): the same U to rounding. A non-finite C leaves U = I. The top-r
+ * eigenpairs come from pkv_sym_eig_top. */
+PKV_API int pkv_squat_prepare_gram(const float * C, int64_t n_q, int d, int r, float lambda,
+                                   int normalize, float * U);
+
 /* Encode one key head vector k (d values, d a multiple of PKV_BLOCK) into
  * d/64 blocks of the plain block format of codec.h (pkv_block_kv4/kv3/kv2 for
  * bits 4/3/2, exactly the bytes pkv_quantize_row writes), so the existing
@@ -164,7 +182,7 @@ PKV_API int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float 
  *            does (float32 of w, codec.h's NaN/Inf policy, fp16 rounding);
  *     for each column j of the block, in order:
  *       code_j = clamp(round((w_j - m) / d)) (same float rounding as the codec)
- *       err    = (w_j - (m + d * code_j)) / U[j][j]
+ *       err    = (w_j - (m + d * code_j)) * (1 / U[j][j])   (both rounded)
  *       w_c   -= err * U[j][c]   for every later column c > j (any block),
  *                                 one fused multiply-add (fma) per element
  * With U = I no error is propagated and the result is byte-identical to
