@@ -40,6 +40,7 @@ int pkv_squat_prepare_gram(const float * C, int64_t n_q, int d, int r, float lam
 int pkv_cholesky_upper(int n, const double * A, double * U);
 int pkv_deco_fit(const float * x, int64_t n_rows, int64_t row_stride, int64_t row_len,
                  int g, int variant, float * S, float * Sinv);
+int pkv_deco_fit_gram(const float * G, int64_t n_groups, int g, int variant, float * S, float * Sinv);
 int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float lambda,
                       int normalize, float * U);
 void pkv_squat_quantize_row(int bits, const float * k, const float * U, int d, void * out);
@@ -206,6 +207,20 @@ def sym_eig_top(A, r: int):
     if rc:
         raise NativeCallError("pkv_sym_eig_top", rc)
     return evals[:r], evecs[:, :r]
+
+
+def deco_fit_gram(G, n_groups: int, variant: int = DECO_WHITEN):
+    """DecoQuant transform from the group Gram matrix G (g x g). Returns (S, Sinv)."""
+    ffi, L = lib()
+    G = _f32(np.asarray(G))
+    g = G.shape[0]
+    S = np.empty((g, g), dtype=np.float32)
+    Sinv = np.empty((g, g), dtype=np.float32)
+    rc = L.pkv_deco_fit_gram(ffi.from_buffer("float[]", G), n_groups, g, variant,
+                             ffi.from_buffer("float[]", S), ffi.from_buffer("float[]", Sinv))
+    if rc:
+        raise NativeCallError("pkv_deco_fit_gram", rc)
+    return S, Sinv
 
 
 def squat_prepare_gram(C, n_q: int, r: int, lam: float, normalize: bool = True) -> np.ndarray:

@@ -169,6 +169,26 @@ def test_sym_eig_top_bad_args():
     assert L.pkv_sym_eig_top(0, buf, 0, buf, buf) != 0
 
 
+@pytest.mark.parametrize("g", [16, 64])
+@pytest.mark.parametrize("variant", [native.DECO_WHITEN, native.DECO_ROTATE])
+def test_deco_fit_from_gram_equals_from_rows(g, variant):
+    """The graph's path (group Gram matrix by a matmul, then the fit) gives the
+    rows path's transform to float32 rounding; a non-finite Gram -> identity."""
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((200, 4 * g)) * rng.uniform(0.1, 10, size=4 * g)).astype(np.float32)
+    S, Sinv = native.deco_fit(x, g, variant)
+    M = x.reshape(-1, g).astype(np.float64)
+    S2, Sinv2 = native.deco_fit_gram((M.T @ M).astype(np.float32), M.shape[0], variant)
+    scale = np.abs(S).max()
+    np.testing.assert_allclose(S2, S, atol=1e-4 * scale)
+    np.testing.assert_allclose(Sinv2 @ S2, np.eye(g), atol=1e-4)
+    bad = (M.T @ M).astype(np.float32)
+    bad[1, 2] = np.nan
+    S3, Sinv3 = native.deco_fit_gram(bad, M.shape[0], variant)
+    np.testing.assert_array_equal(S3, np.eye(g))
+    np.testing.assert_array_equal(Sinv3, np.eye(g))
+
+
 def test_squat_prepare_from_gram_equals_from_queries():
     """The graph's path (Gram matrix by a matmul, then the fit) gives the U of
     the query-rows path to float32 rounding."""

@@ -117,6 +117,7 @@ private:
     const int g;
     bool is_fitted = false;
     std::vector<float> mats;            // host copy: N_MATS * g * g
+    int64_t fit_groups = 0;             // groups behind the unfitted graph's Gram matrix
     ggml_tensor * dev = nullptr;        // the same in the cache's buffer [g, g, N_MATS]
     ggml_tensor * graph_mats = nullptr; // V: this graph's matrices, attn_in_v -> attn_out
 
@@ -133,20 +134,32 @@ private:
         return ggml_view_2d(ctx, m, g, g, m->nb[1], (size_t) w * m->nb[2]);
     }
 
-    // Fitted: the cache's own tensor. Not yet: the fit op on this ubatch's rows,
-    // its result copied into the cache's tensor inside the graph (the copy's
-    // result is what the graph uses, so the copy cannot be skipped).
+    // Fitted: the cache's own tensor. Not yet: the group Gram matrix of this
+    // ubatch's rows by a matmul on the backend that holds them, the fit op on
+    // it (CPU, g x g), its result copied into the cache's tensor inside the
+    // graph (the copy's result is what the graph uses, so it cannot be skipped).
     ggml_tensor * mats_for_graph(ggml_context * ctx, ggml_tensor * x) {
         if (is_fitted) {
             return dev;
         }
-        ggml_tensor * args[1] = { x };
+        if (x->type != GGML_TYPE_F32) {
+            x = ggml_cast(ctx, x, GGML_TYPE_F32);
+        }
+        if (!ggml_is_contiguous(x)) {
+            x = ggml_cont(ctx, x);
+        }
+        fit_groups = ggml_nelements(x) / g;
+        ggml_tensor * xt = ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, x, g, fit_groups)));
+        ggml_tensor * gram = ggml_mul_mat(ctx, xt, xt); // [g, g]
+        ggml_mul_mat_set_prec(gram, GGML_PREC_F32);
+        ggml_tensor * args[1] = { gram };
         ggml_tensor * fit = ggml_custom_4d(ctx, GGML_TYPE_F32, g, g, N_MATS, 1, args, 1, fit_op, 1, this);
         return ggml_cpy(ctx, fit, dev);
     }
 
-    // CPU, one task (a g x g problem): fit S from every row of the ubatch (all
-    // heads: one S per layer), unless a reused graph meets an already fitted slot.
+    // CPU, one task (a g x g problem): fit S from the Gram matrix of every
+    // group of the ubatch's rows (all heads: one S per layer), unless a reused
+    // graph meets an already fitted slot.
     static void fit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         (void) nth;
         if (ith != 0) {
@@ -154,14 +167,12 @@ private:
         }
         auto * self = static_cast<deco_slot *>(userdata);
         const int g = self->g;
-        const ggml_tensor * x = dst->src[0];
+        const ggml_tensor * gram = dst->src[0];
         if (!self->is_fitted) {
-            GGML_ASSERT(x->type == GGML_TYPE_F32 && ggml_is_contiguous(x));
-            const int64_t row_len = x->ne[0] * x->ne[1]; // one token, all heads
-            const int64_t n_rows  = ggml_nelements(x) / row_len;
+            GGML_ASSERT(gram->type == GGML_TYPE_F32 && ggml_is_contiguous(gram) && gram->ne[0] == g && gram->ne[1] == g);
             std::vector<float> S((size_t) g * g), Sinv((size_t) g * g);
-            if (pkv_deco_fit((const float *) x->data, n_rows, row_len, row_len, g, self->st.deco_variant,
-                             S.data(), Sinv.data()) == 0) {
+            if (pkv_deco_fit_gram((const float *) gram->data, self->fit_groups, g, self->st.deco_variant,
+                                  S.data(), Sinv.data()) == 0) {
                 float * q   = self->mats.data();
                 float * enc = q + (size_t) g * g;
                 float * dec = enc + (size_t) g * g;
@@ -172,7 +183,7 @@ private:
                         dec[(size_t) i * g + j] = S   [(size_t) j * g + i];
                     }
                 }
-            } // else: invalid input shape; the slot keeps the identity (= plain kv storage)
+            } // else: the slot keeps the identity (= plain kv storage)
             self->is_fitted = true;
             bump_epoch();
         }

@@ -43,33 +43,24 @@ static void accumulate_gram(const float * x, int64_t n_rows, int64_t row_stride,
     }
 }
 
-int pkv_deco_fit(const float * x, int64_t n_rows, int64_t row_stride, int64_t row_len,
-                 int g, int variant, float * S, float * Sinv) {
-    if (!S || !Sinv || !valid_group(g)) return -1;
-    if (n_rows < 0 || row_len < 1 || row_len % g != 0 || row_stride < row_len ||
-        (variant != PKV_DECO_WHITEN && variant != PKV_DECO_ROTATE) || (!x && n_rows > 0)) {
-        set_identity(g, S, Sinv);
-        return -1;
-    }
-
+/* From the group Gram matrix (g x g, float64, symmetric) of n_groups groups. */
+static int fit_from_gram(double * G, int64_t n_groups, int g, int variant, float * S, float * Sinv) {
     const size_t gg = (size_t) g * g;
-    double * G    = calloc(gg, sizeof(double));
     double * V    = malloc(gg * sizeof(double));
     double * lam  = malloc((size_t) g * sizeof(double));
     double * work = malloc((size_t) g * sizeof(double));
-    if (!G || !V || !lam || !work) {
-        free(G); free(V); free(lam); free(work);
+    if (!V || !lam || !work) {
+        free(V); free(lam); free(work);
         set_identity(g, S, Sinv);
         return -2;
     }
-
     int rc = 0;
-    const int64_t n_groups = n_rows * (row_len / g);
-    accumulate_gram(x, n_rows, row_stride, row_len, g, G, work);
-
     /* Fit on the per-group mean G / n_groups: same eigenvectors, and its
-     * eigenvalues are already the squared scales WHITEN stores (sigma^2/n). */
-    int identity = n_groups == 0;
+     * eigenvalues are the variances the WHITEN scale needs. */
+    int identity = n_groups <= 0;
+    for (size_t i = 0; i < gg && !identity; i++) {
+        if (!isfinite(G[i])) identity = 1;    /* a Gram from non-finite rows: skip the transform */
+    }
     if (!identity) {
         for (size_t i = 0; i < gg; i++) G[i] /= (double) n_groups;
         const int erc = pkv_sym_eig(g, G, lam, V);
@@ -94,7 +85,7 @@ int pkv_deco_fit(const float * x, int64_t n_rows, int64_t row_stride, int64_t ro
         }
     } else {
         /* s_i = sqrt(max(mu_i, floor * mu_max)), mu = lambda(G)/n_groups:
-         * S = diag(s) V^T, Sinv = V diag(1/s). */
+         * S = diag(s) V^T, Sinv = V diag(1/s) */
         const double floor_mu = PKV_DECO_EIG_FLOOR * lam[0];
         for (int i = 0; i < g; i++) {
             const double mu = lam[i] > floor_mu ? lam[i] : floor_mu;
@@ -107,7 +98,50 @@ int pkv_deco_fit(const float * x, int64_t n_rows, int64_t row_stride, int64_t ro
             }
         }
     }
+    free(V); free(lam); free(work);
+    return rc;
+}
 
-    free(G); free(V); free(lam); free(work);
+int pkv_deco_fit(const float * x, int64_t n_rows, int64_t row_stride, int64_t row_len,
+                 int g, int variant, float * S, float * Sinv) {
+    if (!S || !Sinv || !valid_group(g)) return -1;
+    if (n_rows < 0 || row_len < 1 || row_len % g != 0 || row_stride < row_len ||
+        (variant != PKV_DECO_WHITEN && variant != PKV_DECO_ROTATE) || (!x && n_rows > 0)) {
+        set_identity(g, S, Sinv);
+        return -1;
+    }
+    const size_t gg = (size_t) g * g;
+    double * G    = calloc(gg, sizeof(double));
+    double * work = malloc((size_t) g * sizeof(double));
+    if (!G || !work) {
+        free(G); free(work);
+        set_identity(g, S, Sinv);
+        return -2;
+    }
+    accumulate_gram(x, n_rows, row_stride, row_len, g, G, work);
+    const int rc = fit_from_gram(G, n_rows * (row_len / g), g, variant, S, Sinv);
+    free(G); free(work);
+    return rc;
+}
+
+int pkv_deco_fit_gram(const float * G, int64_t n_groups, int g, int variant, float * S, float * Sinv) {
+    if (!S || !Sinv || !valid_group(g)) return -1;
+    if (n_groups < 0 || !G || (variant != PKV_DECO_WHITEN && variant != PKV_DECO_ROTATE)) {
+        set_identity(g, S, Sinv);
+        return -1;
+    }
+    const size_t gg = (size_t) g * g;
+    double * Gd = malloc(gg * sizeof(double));
+    if (!Gd) {
+        set_identity(g, S, Sinv);
+        return -2;
+    }
+    for (int i = 0; i < g; i++) {
+        for (int j = 0; j < g; j++) {
+            Gd[(size_t) i * g + j] = 0.5 * ((double) G[(size_t) i * g + j] + (double) G[(size_t) j * g + i]);
+        }
+    }
+    const int rc = fit_from_gram(Gd, n_groups, g, variant, S, Sinv);
+    free(Gd);
     return rc;
 }

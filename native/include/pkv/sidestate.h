@@ -130,6 +130,12 @@ PKV_API int pkv_cholesky_upper(int n, const double * A, double * U);
 PKV_API int pkv_deco_fit(const float * x, int64_t n_rows, int64_t row_stride, int64_t row_len,
                          int g, int variant, float * S, float * Sinv);
 
+/* pkv_deco_fit from the group Gram matrix G = M^T M (g x g row-major float,
+ * symmetrised) of n_groups groups, as the graph computes it by a matmul on
+ * the backend that holds the rows. A non-finite G (non-finite rows) or
+ * n_groups == 0 gives S = Sinv = I. Returns as pkv_deco_fit. */
+PKV_API int pkv_deco_fit_gram(const float * G, int64_t n_groups, int g, int variant, float * S, float * Sinv);
+
 /* ------------------------------------------------------------------------ */
 /* SQuat: key quantization with error orthogonal to the query subspace        */
 /* ------------------------------------------------------------------------ */
