@@ -12,6 +12,7 @@
 #include "side_method.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -113,6 +114,7 @@ public:
 private:
     const layer_shape sh;
     bool is_fitted = false;
+    std::atomic<int> fit_done{0};      // threads done with this fit (the last one marks it fitted)
     std::vector<float> mu;            // host copy [n_head_kv][head_dim]
     ggml_tensor * dev = nullptr;      // the same in the cache's buffer [head_dim, n_head_kv]
     ggml_tensor * mu_graph = nullptr; // this graph's mean (fit output or dev)
@@ -139,51 +141,59 @@ private:
         } else {
             ggml_tensor * args[1] = { x };
             ggml_tensor * fit = ggml_custom_4d(ctx, GGML_TYPE_F32, sh.head_dim, sh.n_head_kv, 1, 1, args, 1,
-                                               fit_op, 1, this);
+                                               fit_op, GGML_N_TASKS_MAX, this);
             mu_graph = ggml_cpy(ctx, fit, dev);
         }
         return ggml_sub(ctx, x, as_rows(ctx, mu_graph, x));
     }
 
-    // CPU, one task: per channel, the median over the ubatch's rows. Not the mean:
-    // one huge row (the first token's "attention sink" values) would drag the
-    // mean away from every other row and widen their ranges instead of narrowing them.
+    // CPU, threads split the channels: per channel, the median over the
+    // ubatch's rows. Not the mean: one huge row (the first token's "attention
+    // sink" values) would drag the mean away from every other row and widen
+    // their ranges instead of narrowing them. Each thread gathers its channels
+    // row by row (contiguous reads), and the last thread to finish marks the
+    // slot fitted.
     static void fit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
-        (void) nth;
-        if (ith != 0) {
-            return;
-        }
         auto * self = static_cast<center_slot *>(userdata);
         const ggml_tensor * x = dst->src[0];
+        const int64_t n = (int64_t) self->mu.size();
         if (!self->is_fitted) {
             GGML_ASSERT(x->type == GGML_TYPE_F32 && ggml_is_contiguous(x));
-            const int64_t n = (int64_t) self->mu.size();
             const int64_t rows = ggml_nelements(x) / n;
-            std::vector<float> col;
-            col.reserve((size_t) rows);
-            for (int64_t j = 0; j < n; ++j) {
-                col.clear();
-                for (int64_t r = 0; r < rows; ++r) {
-                    const float v = ((const float *) x->data)[r * n + j];
+            const int64_t j0 = n * ith / nth, j1 = n * (ith + 1) / nth;
+            std::vector<float> cols((size_t) ((j1 - j0) * rows));
+            std::vector<int64_t> cnt((size_t) (j1 - j0), 0);
+            for (int64_t r = 0; r < rows; ++r) {
+                const float * xr = (const float *) x->data + r * n;
+                for (int64_t j = j0; j < j1; ++j) {
+                    const float v = xr[j];
                     if (std::isfinite(v)) {
-                        col.push_back(v);
+                        cols[(size_t) ((j - j0) * rows + cnt[(size_t) (j - j0)]++)] = v;
                     }
                 }
+            }
+            for (int64_t j = j0; j < j1; ++j) {
+                float * c = cols.data() + (j - j0) * rows;
+                const int64_t k = cnt[(size_t) (j - j0)];
                 float m = 0.0f;
-                if (!col.empty()) {
-                    const size_t h = col.size() / 2;
-                    std::nth_element(col.begin(), col.begin() + h, col.end());
-                    m = col[h];
-                    if (col.size() % 2 == 0) {
-                        m = 0.5f * (m + *std::max_element(col.begin(), col.begin() + h));
+                if (k > 0) {
+                    const int64_t h = k / 2;
+                    std::nth_element(c, c + h, c + k);
+                    m = c[h];
+                    if (k % 2 == 0) {
+                        m = 0.5f * (m + *std::max_element(c, c + h));
                     }
                 }
                 self->mu[(size_t) j] = m;
             }
-            self->is_fitted = true;
-            bump_epoch();
+            if (self->fit_done.fetch_add(1, std::memory_order_acq_rel) + 1 == nth) {
+                self->fit_done.store(0, std::memory_order_relaxed);
+                self->is_fitted = true;
+                bump_epoch();
+            }
         }
-        memcpy(dst->data, self->mu.data(), self->mu.size() * sizeof(float));
+        const int64_t j0 = n * ith / nth, j1 = n * (ith + 1) / nth;
+        memcpy((float *) dst->data + j0, self->mu.data() + j0, (size_t) (j1 - j0) * sizeof(float));
     }
 };
 
