@@ -16,6 +16,8 @@
 #       on the GPU: generate/chat/state, KLD GPU vs CPU, iSWA side state) and
 #       tests/test_exports.py; the CUDA-vs-CPU KLD experiment with and without
 #       upstream's Hadamard rotation (llama-perplexity, LLAMA_ATTN_ROT_DISABLE).
+#   bash bench/device/gpu_run.sh gemma     carry [".carry3"] .. [".carry6"], one per call (warm)
+#       Gemma-3-270M reassembled in /tmp, then pyllm-kv eval on the GPU (ctx 512, 2048).
 #   bash bench/device/gpu_run.sh prof      (no carry; after build)
 #       decode tg32 at one depth with CUDA graphs on/off, nsys kernel/API sums.
 #   bash bench/device/gpu_run.sh bench     (no carry)
@@ -98,6 +100,24 @@ elif [ "$STAGE" = py ]; then
     done
   done
   [ $((SECONDS + 90)) -lt "$LIMIT" ] && GPU_RUN_LIMIT=$((LIMIT - SECONDS)) bash bench/device/gpu_run.sh bench-only
+elif [ "$STAGE" = gemma ]; then
+  # Gemma-3-270M (iSWA, head_dim 256) arrives in four 63 MiB carries (.carry3-6,
+  # one per call while the machine stays warm); once all are in /tmp, the GPU eval.
+  for c in .carry3 .carry4 .carry5 .carry6; do [ -d $c ] && cp $c/gemma.* /tmp/; done
+  ls /tmp/gemma.part* > $LOG 2>&1
+  if [ -f /tmp/gemma.part3 ] && [ -f /tmp/gemma.md5 ]; then
+    cat /tmp/gemma.part0 /tmp/gemma.part1 /tmp/gemma.part2 /tmp/gemma.part3 > /tmp/gemma.gguf
+    echo "gemma md5 $(md5sum < /tmp/gemma.gguf | cut -d' ' -f1) expected $(cat /tmp/gemma.md5)" >> $LOG
+    [ -f /tmp/devil.dict.dz ] && export PYLLM_KV_CORPUS=/tmp/devil.dict.dz
+    for ctx in 512 2048; do
+      [ $((SECONDS + 60)) -lt "$LIMIT" ] || break
+      (timeout $((LIMIT - SECONDS - 20)) python3 -m pyllm_kv.cli eval -m /tmp/gemma.gguf --ngl -1 --ctx $ctx --chunks 3 \
+          --formats ${GEMMA_FORMATS:-f16,q4_0,kv4,squat4,deco4,kv3,squat3} --no-progress \
+          --json $OUT/gemma_gpu_ctx$ctx.json) > $OUT/gemma_gpu_ctx$ctx.txt 2>&1
+      echo "gemma GPU eval ctx $ctx rc=$? at ${SECONDS}s" >> $LOG; tail -14 $OUT/gemma_gpu_ctx$ctx.txt >> $LOG
+    done
+  fi
+  cat $LOG
 elif [ "$STAGE" = prof ]; then
   # Where decode time goes, per K/V pair at depth $PROF_DEPTH: tg32 with CUDA
   # graphs on and off (a pair that cannot use graphs shows no difference), then
