@@ -48,7 +48,7 @@ if [ "$STAGE" = build ]; then
       typing-extensions pytest >> $LOG 2>&1
   cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DPYLLM_KV_UPSTREAM_TESTS=ON -DPYLLM_KV_LLAMA_SRC=$SRC > /tmp/cfg.log 2>&1 || { tail -20 /tmp/cfg.log >> $LOG; exit 1; }
-  ( time ninja -C $B -j16 llama pyllm_kv_native llama-bench llama-perplexity test-backend-ops pkv-cuda-test ) > /tmp/build.log 2>&1
+  ( time ninja -C $B -j16 llama pyllm_kv_native llama-bench llama-perplexity test-backend-ops pkv-cuda-test ggml-rpc-server ) > /tmp/build.log 2>&1
   echo "build rc=$? at ${SECONDS}s" >> $LOG; tail -4 /tmp/build.log >> $LOG
   grep -E "error" /tmp/build.log | head -10 >> $LOG
   cp $B/native/libpyllm_kv_native.so $B/bin/ 2>> $LOG
