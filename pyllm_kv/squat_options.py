@@ -3,7 +3,7 @@
 llama.cpp's patched KV cache reads them from the environment when a context is
 created (``native/llama/side_state.cpp``): ``PYLLM_KV_SQUAT_RANK``,
 ``PYLLM_KV_SQUAT_LAMBDA``, ``PYLLM_KV_SQUAT_NORMALIZE``,
-``PYLLM_KV_SQUAT_TRANSFORM``. :func:`pyllm_kv.load` takes the same settings as
+``PYLLM_KV_SQUAT_TRANSFORM``, ``PYLLM_KV_SQUAT_REFIT``. :func:`pyllm_kv.load` takes the same settings as
 arguments and sets those variables only while it creates the context, so two
 models in one process can use different settings.
 
@@ -28,11 +28,16 @@ ENV = {
     "normalize": "PYLLM_KV_SQUAT_NORMALIZE",
     "transform": "PYLLM_KV_SQUAT_TRANSFORM",
     "center": "PYLLM_KV_CENTER",
+    "refit": "PYLLM_KV_SQUAT_REFIT",
 }
 TRANSFORMS = ("hadamard", "deco")
 # Centering (native/llama/side_center.cpp): "auto" centres the keys of squat*
 # (measured to help; docs/quality.md), the others apply to every format of ours.
 CENTERS = ("auto", "none", "k", "v", "kv")
+# When squat*'s query subspace is fitted: "first" once, from the first ubatch
+# that reaches an empty cache; "ubatch" again from every ubatch of >= 32 tokens
+# (each prompt's keys against its own queries; decode keeps the last one).
+REFITS = ("first", "ubatch")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class SquatOptions:
     normalize: Optional[bool] = None  # divide Q by its top singular value
     transform: Optional[str] = None  # "hadamard" (upstream rotation) or "deco" (DecoQuant)
     center: Optional[str] = None  # one of CENTERS
+    refit: Optional[str] = None  # one of REFITS
 
     def __post_init__(self) -> None:
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int)
@@ -60,6 +66,8 @@ class SquatOptions:
             raise InvalidParameter(f"SQuat normalize must be True or False, got {self.normalize!r}")
         if self.center is not None and self.center not in CENTERS:
             raise InvalidParameter(f"centering must be one of {', '.join(CENTERS)}, got {self.center!r}")
+        if self.refit is not None and self.refit not in REFITS:
+            raise InvalidParameter(f"SQuat refit must be one of {', '.join(REFITS)}, got {self.refit!r}")
         if self.transform is not None and self.transform not in TRANSFORMS:
             raise InvalidParameter(
                 f"SQuat transform must be one of {', '.join(TRANSFORMS)}, got {self.transform!r}")
@@ -76,6 +84,8 @@ class SquatOptions:
             out[ENV["transform"]] = self.transform
         if self.center is not None:
             out[ENV["center"]] = self.center
+        if self.refit is not None:
+            out[ENV["refit"]] = self.refit
         return out
 
 
@@ -106,6 +116,9 @@ def add_arguments(group) -> None:
     group.add_argument("--squat-center", choices=CENTERS, default=None,
                        help="centering: auto (default) subtracts the prompt's center row from squat* keys; "
                             "none, k, v, kv: as named, for every format of ours")
+    group.add_argument("--squat-refit", choices=REFITS, default=None,
+                       help="squat*: fit the query subspace once from the first ubatch (first, default) or "
+                            "again from every ubatch of >= 32 tokens (ubatch)")
     group.add_argument("--squat-transform", choices=TRANSFORMS, default=None,
                        help="squat*: encode on upstream's Hadamard-rotated keys (default) or on "
                             "the DecoQuant transform")
@@ -115,11 +128,13 @@ def from_args(args) -> Optional[SquatOptions]:
     """The options given on the command line, or None if none was."""
     vals = dict(rank=getattr(args, "squat_rank", None), lam=getattr(args, "squat_lambda", None),
                 normalize=None if getattr(args, "squat_normalize", None) is None else bool(args.squat_normalize),
-                transform=getattr(args, "squat_transform", None), center=getattr(args, "squat_center", None))
+                transform=getattr(args, "squat_transform", None), center=getattr(args, "squat_center", None),
+                refit=getattr(args, "squat_refit", None))
     return SquatOptions(**vals) if any(v is not None for v in vals.values()) else None
 
 
-DEFAULTS = {"rank": 20, "lam": 100.0, "normalize": True, "transform": "hadamard", "center": "auto"}
+DEFAULTS = {"rank": 20, "lam": 100.0, "normalize": True, "transform": "hadamard", "center": "auto",
+            "refit": "first"}
 
 
 def _from_env(var: str, value: str) -> SquatOptions:
@@ -138,6 +153,8 @@ def _from_env(var: str, value: str) -> SquatOptions:
         return SquatOptions(normalize=value == "1")
     if var == ENV["center"]:
         return SquatOptions(center=value)
+    if var == ENV["refit"]:
+        return SquatOptions(refit=value)
     return SquatOptions(transform=value)
 
 

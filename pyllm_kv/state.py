@@ -323,6 +323,11 @@ def _check_compatible(model: "Model", header: Dict[str, Any], path: Path) -> Non
             f"flash_attn={header.get('flash_attn')}."
         )
     have_sq, want_sq = getattr(model, "squat_settings", None), header.get("squat")
+    # the refit policy only steers how later keys are encoded: not part of the state
+    if have_sq is not None:
+        have_sq = {k: v for k, v in have_sq.items() if k != "refit"}
+    if want_sq is not None:
+        want_sq = {k: v for k, v in want_sq.items() if k != "refit"}
     if have_sq != want_sq:
         raise StateMismatch(
             f"{path} was saved with SQuat settings {want_sq}, this model has {have_sq} (the "

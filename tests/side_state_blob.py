@@ -35,8 +35,10 @@ def parse_blob(buf: bytes, off: int) -> "tuple[List[Dict], int]":
             heads = [bool(b) for b in buf[p + 8:p + 8 + n_head]]
         else:                # deco, center: u32 fitted, then the matrices / the mean
             heads = [bool(struct.unpack_from("<I", buf, p)[0])]
+        data = bytes(buf[p:p + nbytes])
         p += nbytes
-        slots.append({"il": il, "v": bool(is_v), "method": name, "fitted": all(heads), "heads": len(heads)})
+        slots.append({"il": il, "v": bool(is_v), "method": name, "fitted": all(heads), "heads": len(heads),
+                      "data": data})
     return slots, p
 
 

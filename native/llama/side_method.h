@@ -37,6 +37,12 @@ struct side_settings {
     float squat_lambda    = 100.0f;
     bool  squat_normalize = true;
     bool  squat_on_deco   = false; // squat* types get the deco transform instead of Hadamard
+    // PYLLM_KV_SQUAT_REFIT: "first" fits U once, from the first ubatch; "ubatch"
+    // refits it from every ubatch of at least PKV_SQUAT_REFIT_MIN_TOKENS tokens
+    // (each prompt's keys encoded against its own queries; decode steps keep
+    // the last U). Safe at any time: U only steers how new keys are encoded,
+    // stored blocks are plain kv blocks that attention reads without it.
+    bool  squat_refit_ubatch = false;
     // Centering (PYLLM_KV_CENTER): subtract the prompt's center row from K
     // and/or V rows of our types before they are stored. "auto" (default): the
     // keys of squat* types (measured: docs/quality.md); "none", "k", "v", "kv":

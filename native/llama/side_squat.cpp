@@ -20,6 +20,10 @@
 namespace pkv {
 namespace {
 
+// Smallest ubatch the "ubatch" refit policy fits from: fewer query rows than
+// this give a poor subspace (a decode step has one), so those keep the last U.
+constexpr int64_t PKV_SQUAT_REFIT_MIN_TOKENS = 32;
+
 class squat_slot final : public slot {
 public:
     squat_slot(const side_settings & st, const layer_shape & sh)
@@ -51,7 +55,9 @@ public:
             throw std::runtime_error("pyllm-kv: SQuat side state of layer " + std::to_string(sh.il) +
                                      " does not match the layer's queries/keys (head size or KV heads)");
         }
-        if (fitted()) {
+        // a prompt-sized ubatch under the "ubatch" policy refits (docs/squat.md)
+        const bool refit = st.squat_refit_ubatch && qc->ne[2] * qc->ne[3] >= PKV_SQUAT_REFIT_MIN_TOKENS;
+        if (fitted() && !refit) {
             graph_U = dev;
         } else {
             // The Gram matrix of each KV head's GQA group of queries, on the
@@ -67,7 +73,7 @@ public:
             fit_rows = n_gqa * n_tok;
             ggml_tensor * args[1] = { gram };
             ggml_tensor * fit = ggml_custom_4d(ctx, GGML_TYPE_F16, (int64_t) packed(), n_head, 1, 1, args, 1,
-                                               fit_op, GGML_N_TASKS_MAX, this);
+                                               refit ? refit_op : fit_op, GGML_N_TASKS_MAX, this);
             graph_U = ggml_cpy(ctx, fit, dev); // into the cache's tensor; the store reads the copy
         }
     }
@@ -201,12 +207,20 @@ private:
     // matrix of its GQA group's queries (src[0], f32 [d, d, n_head], fit_rows
     // query rows each); output U of every head (packed fp16, [packed, n_head]).
     static void fit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
-        auto * self = static_cast<squat_slot *>(userdata);
+        fit_heads(dst, ith, nth, static_cast<squat_slot *>(userdata), false);
+    }
+
+    // The same, refitting fitted heads too (the "ubatch" refit policy).
+    static void refit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+        fit_heads(dst, ith, nth, static_cast<squat_slot *>(userdata), true);
+    }
+
+    static void fit_heads(ggml_tensor * dst, int ith, int nth, squat_slot * self, bool refit) {
         const ggml_tensor * gram = dst->src[0];
         const int d = self->d;
         for (int h = ith; h < self->n_head; h += nth) {
             uint16_t * Uh = self->U.data() + (size_t) h * self->packed();
-            if (!self->head_fitted[h]) {
+            if (refit || !self->head_fitted[h]) {
                 std::vector<float> C((size_t) d * d);
                 for (int i = 0; i < d; ++i) {
                     memcpy(C.data() + (size_t) i * d, (const char *) gram->data + h * gram->nb[2] + i * gram->nb[1],

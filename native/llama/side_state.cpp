@@ -96,6 +96,11 @@ pkv::side_settings read_settings(bool squat) {
         st.squat_rank      = (int) env_num("PYLLM_KV_SQUAT_RANK", "20", 0, 512);
         st.squat_lambda    = (float) env_num("PYLLM_KV_SQUAT_LAMBDA", "100", 0, 1e12);
         st.squat_normalize = env_bool("PYLLM_KV_SQUAT_NORMALIZE", "1");
+        const std::string rf = env_str("PYLLM_KV_SQUAT_REFIT", "first");
+        if (rf != "first" && rf != "ubatch") {
+            throw std::runtime_error("pyllm-kv: PYLLM_KV_SQUAT_REFIT must be 'first' or 'ubatch', got '" + rf + "'");
+        }
+        st.squat_refit_ubatch = rf == "ubatch";
     }
     const std::string gs = env_str("PYLLM_KV_DECO_GROUP", "16");
     if (gs != "16" && gs != "32" && gs != "64") {
