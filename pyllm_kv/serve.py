@@ -131,6 +131,10 @@ def plan(args: argparse.Namespace) -> ServerPlan:
         with squat_options.applied(squat):
             squat_options.from_environment()  # names a malformed PYLLM_KV_SQUAT_* variable
     env.update(squat.env() if squat else {})
+    # A server cannot choose its first prompt: squat* refits its query subspace
+    # on every prompt-sized ubatch unless told otherwise (docs/server.md, "The rule").
+    if not env.get(squat_options.ENV["refit"]):
+        env[squat_options.ENV["refit"]] = "ubatch"
     # The server must run the libraries whose type table we just checked.
     lib = str(_libs.lib_dir())
     env["LD_LIBRARY_PATH"] = lib + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
@@ -157,9 +161,9 @@ def plan(args: argparse.Namespace) -> ServerPlan:
     base = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     side = ""
     if fk.side_state_kind or fv.side_state_kind or fk.shared_side_state or fv.shared_side_state:
-        side = ("\n  side state: fitted on the first request after start-up and kept by every slot while "
-                "any holds cells;\n  a short first request costs quality for all (docs/server.md, 'Side state "
-                "under a server')")
+        side = ("\n  side state: squat* refits its query subspace on every prompt (--squat-refit ubatch); "
+                "deco* transforms and key centering are\n  fitted on the first request after start-up and kept "
+                "by every slot while any holds cells (docs/server.md, 'Side state under a server')")
     summary = (f"pyllm-kv serve: {path.name} ({info.arch}), K={fk.name} ({fk.bits:g} b/v) "
                f"V={fv.name} ({fv.bits:g} b/v), flash_attn={'on' if flash_attn else 'off'}\n"
                f"  {parallel} slots x {ctx} tokens, KV cache {kv_bytes / 2**20:.1f} MiB{side}\n"

@@ -43,6 +43,22 @@ def test_default_host_is_loopback():
     assert (args.port, args.parallel) == (serve.DEFAULT_PORT, serve.DEFAULT_PARALLEL)
 
 
+@pytest.mark.parametrize("argv, env, want", [
+    ([], {}, "ubatch"),                                        # the server default
+    (["--squat-refit", "first"], {}, "first"),                 # asked for
+    ([], {"PYLLM_KV_SQUAT_REFIT": "first"}, "first"),          # set by the user's environment
+])
+def test_squat_refits_per_prompt_under_the_server(lib_dir, model_path, monkeypatch, argv, env, want):
+    """A server cannot choose its first prompt: squat* refits on every prompt
+    unless told otherwise (docs/server.md); the server process gets the setting."""
+    monkeypatch.delenv("PYLLM_KV_SQUAT_REFIT", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    args = serve.add_arguments(argparse.ArgumentParser()).parse_args(
+        [str(model_path), "--cache-k", "squat4", "--cache-v", "kv4", *argv])
+    assert serve.plan(args).env["PYLLM_KV_SQUAT_REFIT"] == want
+
+
 def _cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pyllm_kv.cli", "serve", *argv], capture_output=True,
                           text=True, timeout=timeout, check=False)
