@@ -47,13 +47,13 @@ from . import _libs, checks, corpus, eval_memory, formats, report_io, squat_opti
 from .errors import FormatNotAvailable, PyllmKvError
 from .eval_journal import Journal, journal_path
 from .eval_llama import FormatRunner as _Runner
-from .eval_llama import SharedModel, n_ubatch_for, type_ids
+from .eval_llama import SWA_FULL, SharedModel, n_ubatch_for, type_ids
 from .eval_memory import NotEnoughMemory
 from .eval_metrics import ChunkStats, block_stats, rows_per_block
 from .eval_reference import ReferenceStore
 from .eval_report import build_report, format_table, plot
 from .model import validate_config
-from .model_info import kv_bytes_per_token, read_model_info, side_state_bytes
+from .model_info import kv_bytes_per_token, kv_cost, kv_layout, read_model_info, side_state_bytes
 from .report_io import write_json
 from .squat_options import SquatOptions
 
@@ -158,22 +158,24 @@ def _squat_settings(squat: Optional[SquatOptions]) -> Dict[str, Any]:
         return squat_options.from_environment()
 
 
-def _bits_record(info: Any, k: str, v: str, n_ctx: int, squat_transform: str) -> Dict[str, Any]:
-    """Storage cost of cache K/V in a context of n_ctx tokens (as Model.kv_report counts it)."""
+def _bits_record(info: Any, k: str, v: str, n_ctx: int, side: Dict[str, Any]) -> Dict[str, Any]:
+    """Storage cost of cache K/V in an eval context of n_ctx cells: model_info.kv_cost,
+    the one accounting Model.kv_report uses (every cache llama.cpp allocates, with
+    eval's swa_full; block scales; side state with the run's transform and centering)."""
     fk, fv = formats.resolve(k), formats.resolve(v)
-    side = side_state_bytes(info, fk, fv, squat_transform if "squat" in
-                            (fk.side_state_kind, fv.side_state_kind) else "hadamard")
-    per_token = kv_bytes_per_token(info, fk, fv) + side / n_ctx
-    values = info.n_layer * info.n_head_kv * (info.head_dim_k + info.head_dim_v)
+    cost = kv_cost(info, fk, fv, n_ctx, kv_layout(info, n_ctx, swa_full=SWA_FULL),
+                   str(side.get("transform", "hadamard")), str(side.get("center", "auto")))
     return {
         "cache_k": fk.name,
         "cache_v": fv.name,
         "bits_k": fk.bits,
         "bits_v": fv.bits,
-        # all of K and V per token, block scales and side state (spread over n_ctx) included
-        "bits_per_value": 8.0 * per_token / values if values else None,
-        "kv_bytes_per_token": per_token,
-        "side_state_bytes": side,
+        # all of K and V, block scales and side state included, over the values the caches hold
+        "bits_per_value": cost["bits_per_value"],
+        "kv_bytes_per_token": cost["kv_bytes_per_token"],
+        "kv_bytes_total": cost["kv_bytes_total"],
+        "kv_caches": cost["kv_caches"],
+        "side_state_bytes": cost["side_state_bytes"],
     }
 
 
@@ -312,7 +314,7 @@ def evaluate(
         labels = [label for label, _, _ in pairs]
         reuse = {label for label, k, v in pairs if (k, v) == (REFERENCE, REFERENCE) and not rerun_reference}
         n_ctx = eval_memory.n_ctx_allocated(ctx)
-        bits = {label: _bits_record(info, k, v, n_ctx, squat_transform) for label, k, v in pairs}
+        bits = {label: _bits_record(info, k, v, n_ctx, squat_settings) for label, k, v in pairs}
         settings = {
             "model": str(info.path),
             "model_name": info.name,
@@ -327,7 +329,7 @@ def evaluate(
             "scored_positions": f"{ctx // 2}..{ctx - 2} (predicting tokens {ctx // 2 + 1}..{ctx - 1})",
             "bos_per_chunk": shared.add_bos,
             "reference": REFERENCE,
-            "reference_bits": _bits_record(info, REFERENCE, REFERENCE, n_ctx, squat_transform),
+            "reference_bits": _bits_record(info, REFERENCE, REFERENCE, n_ctx, squat_settings),
             "reference_rerun": bool(rerun_reference),
             "flash_attn": True,
             "n_batch": ctx,

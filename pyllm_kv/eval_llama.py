@@ -29,6 +29,11 @@ from . import _libs, formats, squat_options
 from .errors import LlamaError, PyllmKvError
 from .squat_options import SquatOptions
 
+#: Sliding-window (iSWA) models: every eval context gives the sliding layers the
+#: full context, as pyllm_kv.load does by default (llama.cpp's default too); the
+#: bits/value record (eval._bits_record -> model_info.kv_cost) counts the same caches.
+SWA_FULL = True
+
 #: Tokens per llama.cpp micro-batch (llama-cpp-python's default, what eval always used).
 N_UBATCH = 512
 
@@ -133,6 +138,7 @@ class FormatRunner:
         p.embeddings = False
         p.offload_kqv = True
         p.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        p.swa_full = SWA_FULL
         p.type_k = self.type_k
         p.type_v = self.type_v
         p.no_perf = False

@@ -234,3 +234,56 @@ def test_side_state_format_on_unwired_path_is_refused(mla_path, fmt):
     why = "needs its side-state hooks" if fmt.startswith("squat") else "for V needs V rows"
     with pytest.raises(LlamaError, match=f"pyllm-kv: cache type {fmt} {why}"):
         pyllm_kv.load(mla_path, cache_k=fmt, cache_v=fmt, n_ctx=128, n_threads=1)
+
+
+# ---------------------------------------------------------------- eval's bits/value
+
+
+@pytest.mark.parametrize("label,squat", [
+    ("f16", None), ("q4_0", None), ("kv4", None), ("q8_0/kv3", None), ("deco4", None),
+    ("squat4", None), ("squat3/kv3", None),
+    ("squat4/kv4", pyllm_kv.SquatOptions(center="kv")),
+    ("squat4", pyllm_kv.SquatOptions(center="none", transform="deco")),
+])
+def test_eval_bits_are_kv_report(gemma_path, label, squat):
+    """`pyllm-kv eval`'s bits/value is model_info.kv_cost, the accounting of
+    Model.kv_report: the caches an eval context really allocates (both caches of
+    the iSWA pair, as llama.cpp logs them), block scales, and the side state with
+    the run's SQuat transform and centering."""
+    from pyllm_kv import eval as ev
+    from pyllm_kv import eval_llama, llama_log
+
+    ((_, k, v),) = ev.parse_formats(label)
+    settings = ev._squat_settings(squat)
+    shared = eval_llama.SharedModel(gemma_path)
+    try:
+        ((tk, tv),) = eval_llama.type_ids([(label, k, v)])
+        runner = eval_llama.FormatRunner(shared, label, tk, tv, N_CTX, 1, squat)
+        with llama_log.captured() as log:
+            ctx = runner._open()
+        shared.ll.llama_free(ctx)
+    finally:
+        shared.close()
+    allocated = log.kv_caches()
+    assert len(allocated) == 2, log.text()  # the iSWA pair
+    n_ctx = runner.n_ctx_allocated
+    rec = ev._bits_record(shared_info(gemma_path), k, v, n_ctx, settings)
+    assert sorted((c["cells"], c["layers"]) for c in rec["kv_caches"]) == sorted(allocated)
+
+    m = pyllm_kv.load(gemma_path, cache_k=k, cache_v=v, n_ctx=N_CTX, n_threads=1, squat=squat)
+    try:
+        rep = m.kv_report()
+    finally:
+        m.close()
+    assert rep["n_ctx"] == n_ctx
+    for key in ("bits_per_value", "kv_bytes_per_token", "kv_bytes_total", "side_state_bytes"):
+        assert rec[key] == pytest.approx(rep[key], rel=1e-12), key
+    if k.startswith("squat"):  # SQuat's U and (centred) the key center row are counted
+        plain = ev._bits_record(shared_info(gemma_path), k.replace("squat", "kv"), v, n_ctx, settings)
+        assert rec["side_state_bytes"] > plain["side_state_bytes"]
+
+
+def shared_info(path):
+    from pyllm_kv.model_info import read_model_info
+
+    return read_model_info(path)
