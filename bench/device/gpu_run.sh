@@ -59,7 +59,7 @@ if [ "$STAGE" = build ]; then
   grep -E "^timing|FAIL" $OUT/pkv_cuda_test.log >> $LOG
   # the Python API on the GPU on random-weight models (no real model here yet)
   export PYLLM_KV_CORPUS=/nonexistent
-  (timeout 150 python3 bench/device/gpu_smoke.py) > $OUT/gpu_smoke.log 2>&1
+  [ -n "$SKIP_SMOKE" ] || (timeout 150 python3 bench/device/gpu_smoke.py) > $OUT/gpu_smoke.log 2>&1
   echo "gpu_smoke rc=$? at ${SECONDS}s" >> $LOG; grep -E "gguf|FAILED|Error" $OUT/gpu_smoke.log | head -20 >> $LOG
   ours='(kv[234]|squat[234]|deco[234])'
   # TBO_OPS: which of these to run (default all; a speed round may keep SET_ROWS GET_ROWS)
