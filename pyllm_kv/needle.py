@@ -141,7 +141,7 @@ class _Runner:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: PLC0415
 
             def text_of(tok: int) -> str:
-                return self.llama._model.token_get_text(tok) if tok >= 0 else ""
+                return self.ll.llama_vocab_get_text(self.vocab, tok).decode("utf-8") if tok >= 0 else ""
 
             self._formatter = Jinja2ChatFormatter(
                 template=template, eos_token=text_of(int(self.ll.llama_vocab_eos(self.vocab))),
@@ -325,12 +325,14 @@ def evaluate(
         "formats": [label for label, _, _ in pairs],
     }
     old_cells: Dict[Tuple[str, int, float], Dict[str, Any]] = {}
+    old_recs: Dict[str, Dict[str, Any]] = {}
     if resume and json_out and Path(json_out).is_file():
         old = json.loads(Path(json_out).read_text())
         if not _same_run(old, settings):
             raise NeedleError(f"--resume: {json_out} was written with other settings (model, seed, "
                               "trials, prompt text...); use another --json file or drop --resume")
         for r in old.get("results", []):
+            old_recs[r["format"]] = r
             for c in r.get("cells", []):
                 old_cells[(r["format"], c["length"], c["depth"])] = c
 
@@ -353,12 +355,15 @@ def evaluate(
     interrupted = False
     try:
         for label, k, v in pairs:
-            rec: Dict[str, Any] = {"format": label, "cache_k": k, "cache_v": v, "cells": []}
+            rec: Dict[str, Any] = {"format": label, "cache_k": k, "cache_v": v}
+            # a resumed format keeps what its earlier run recorded (bits, load time) until reloaded
+            rec.update({key: val for key, val in old_recs.get(label, {}).items() if key not in rec})
+            rec["cells"] = []
             results.append(rec)
             todo = [(L, d) for L, d in grid if (label, L, d) not in old_cells]
             runner = None
             try:
-                if todo:
+                if todo or "bits_per_value" not in rec:  # (a resumed JSON may lack the bits)
                     bar.set_postfix_str(f"{label}: loading", refresh=True)
                     t0 = time.perf_counter()
                     runner = _Runner(_load(model, k, v, n_ctx, ngl, n_threads, verbose, squat), max_new_tokens)
@@ -540,6 +545,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="also write the tables to FILE")
     parser.add_argument("--resume", action="store_true",
                         help="keep the cells already in --json (same settings) and run only the rest")
+    parser.add_argument("--report", default=None, metavar="FILE.json",
+                        help="run nothing: print the tables (and --plot, --markdown) of an earlier JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     squat_options.add_arguments(parser)
     parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
@@ -547,8 +554,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _write_outputs(result: Dict[str, Any], json_out: Optional[PathLike], plot_out: Optional[PathLike],
+                   md_out: Optional[PathLike]) -> None:
+    table = format_table(result)
+    report_io.emit(result, table, json_out, plot_out, plot, "pyllm-kv eval --task needle")
+    if md_out:
+        p = Path(md_out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(table + "\n")
+        print(f"wrote {p}", file=sys.stderr)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """Run the needle task with parsed ``args``; returns the exit code (130 if interrupted)."""
+    if args.report:
+        path = Path(args.report)
+        if not path.is_file():
+            raise NeedleError(f"--report: no such file {path}")
+        _write_outputs(json.loads(path.read_text()), None, args.plot_out, args.md_out)
+        return 0
     result = evaluate(
         model=args.model, formats=args.formats, lengths=args.lengths, depths=args.depths,
         trials=args.trials, seed=args.seed, text=args.text, ngl=args.ngl, n_threads=args.threads,
@@ -556,14 +580,8 @@ def run_cli(args: argparse.Namespace) -> int:
         progress=not args.no_progress, verbose=bool(getattr(args, "verbose", False)),
         squat=squat_options.from_args(args),
     )
-    table = format_table(result)
-    # the JSON was written cell by cell already; emit() rewrites it whole and draws the plot
-    report_io.emit(result, table, args.json_out, args.plot_out, plot, "pyllm-kv eval --task needle")
-    if args.md_out:
-        p = Path(args.md_out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(table + "\n")
-        print(f"wrote {p}", file=sys.stderr)
+    # the JSON was written cell by cell already; this rewrites it whole and draws the plot
+    _write_outputs(result, args.json_out, args.plot_out, args.md_out)
     print(f"peak RSS {result['peak_rss_mib']:.0f} MiB, {result['elapsed_s'] / 60:.1f} min", file=sys.stderr)
     if result["interrupted"]:
         print("interrupted: the results cover the finished cells", file=sys.stderr)
