@@ -24,6 +24,7 @@ from .errors import (
     LlamaError,
     ModelNotFound,
     PyllmKvError,
+    RpcServerRefused,
     UnknownCacheFormat,
     UnsupportedHeadDim,
 )
@@ -42,5 +43,5 @@ __all__ = [
     "validate_config", "format_kv_report", "formats", "FORMATS", "Format", "resolve", "parse_pair",
     "PyllmKvError", "UnknownCacheFormat", "ModelNotFound", "InvalidModelFile", "UnsupportedHeadDim",
     "ContextOverflow", "DefaultModelMissing", "FlashAttentionRequired", "FormatNotAvailable",
-    "LibraryNotFound", "LlamaError", "__version__",
+    "LibraryNotFound", "LlamaError", "RpcServerRefused", "__version__",
 ]

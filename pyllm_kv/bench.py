@@ -25,6 +25,13 @@ bytes), and the fraction of it reached:
     pyllm-kv bench                                   # SmolLM2, CPU, depths 0,2048,8192
     pyllm-kv bench --formats kv4,kv2 --depths 0,4096 --reps 3 --json b.json --plot b.png
     pyllm-kv bench --shape llama8b --gpu             # Llama-8B-shaped random model, -ngl 99
+    pyllm-kv bench --device cpu,gpu                  # both, one table and one plot (-ngl 0 / -ngl 99)
+
+With ``--device cpu,gpu`` every format runs on each device (CPU: ``-ngl 0``,
+GPU: ``-ngl 99``), each row says which, and the ratios compare with f16 and
+q4_0 *of the same device*. The GPU half needs llama.cpp's CUDA backend
+(``libggml-cuda.so`` beside the other libraries); without it the command
+refuses before running anything.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ __all__ = [
     "ALWAYS",
     "BenchError",
     "CPU_DEPTHS",
+    "DEVICES",
     "DEFAULT_GPU_BANDWIDTH_GBS",
     "GPU_DEPTHS",
     "analyze",
@@ -57,6 +65,7 @@ __all__ = [
     "find_llama_bench",
     "format_table",
     "parse_depths",
+    "parse_devices",
     "parse_formats",
     "parse_llama_bench_json",
     "plot",
@@ -81,6 +90,8 @@ DEFAULT_REPS = 2
 DEFAULT_GPU_BANDWIDTH_GBS = 3350.0
 #: -ngl value of --gpu (every layer on the GPU).
 GPU_NGL = 99
+#: --device names and the -ngl llama-bench runs each with.
+DEVICES = {"cpu": 0, "gpu": GPU_NGL}
 
 
 class BenchError(PyllmKvError, ValueError):
@@ -146,6 +157,39 @@ def parse_depths(spec: Union[str, Iterable[Union[int, str]]]) -> List[int]:
     if not out:
         raise BenchError(f"no depth given in {spec!r}; e.g. --depths 0,2048,8192")
     return sorted(out)
+
+
+def parse_devices(spec: Union[str, Iterable[str]]) -> List[str]:
+    """``"cpu,gpu"`` -> ``["cpu", "gpu"]`` (order kept, duplicates dropped)."""
+    items = spec.split(",") if isinstance(spec, str) else [str(s) for s in spec]
+    out: List[str] = []
+    for raw in items:
+        item = raw.strip().lower()
+        if not item:
+            continue
+        if item not in DEVICES:
+            raise BenchError(f"unknown device {raw.strip()!r} in {spec!r}: devices are "
+                             f"{', '.join(DEVICES)} (e.g. --device cpu,gpu)")
+        if item not in out:
+            out.append(item)
+    if not out:
+        raise BenchError(f"no device given in {spec!r}; e.g. --device cpu,gpu")
+    return out
+
+
+def cuda_backend(llama_bench: Optional[PathLike] = None) -> Optional[Path]:
+    """llama.cpp's CUDA backend library (``libggml-cuda.so``) the benchmark would use, or None.
+
+    Looked for in the native library directory and, for an explicit llama-bench,
+    beside it and in its build's ``lib/``."""
+    dirs = [_libs.lib_dir()]
+    if llama_bench is not None:
+        exe = Path(llama_bench).expanduser().resolve()
+        dirs += [exe.parent, exe.parent.parent / "lib"]
+    for d in dirs:
+        if (d / "libggml-cuda.so").is_file():
+            return d / "libggml-cuda.so"
+    return None
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -316,18 +360,21 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def analyze(runs: Sequence[Dict[str, Any]], info: ModelInfo, weights_read_bytes: float,
-            bandwidth_gbs: Optional[float]) -> List[Dict[str, Any]]:
-    """One row per (format, test, depth) from llama-bench records.
+            bandwidth_gbs: Union[float, None, Dict[str, Optional[float]]]) -> List[Dict[str, Any]]:
+    """One row per (device, format, test, depth) from llama-bench records.
 
-    ``runs``: ``[{"format": label, "cache_k": k, "cache_v": v, "records": [...]}]``
-    in display order. Rows carry tok/s (mean, sd, samples), the ratios to
-    ``f16`` and ``q4_0`` at the same test and depth (None where either is
-    missing), and for decode rows the bytes-per-token floor; with a bandwidth
-    (GB/s = 1e9 B/s) also the speed it allows and the fraction reached.
+    ``runs``: ``[{"format": label, "cache_k": k, "cache_v": v, "device": "cpu",
+    "records": [...]}]`` in display order (``device`` defaults to ``cpu``). Rows
+    carry tok/s (mean, sd, samples), the ratios to ``f16`` and ``q4_0`` at the
+    same device, test and depth (None where either is missing), and for decode
+    rows the bytes-per-token floor; with a bandwidth (GB/s = 1e9 B/s; one
+    number, or one per device) also the speed it allows and the fraction reached.
     """
     rows: List[Dict[str, Any]] = []
     for run in runs:
         k, v = run["cache_k"], run["cache_v"]
+        device = run.get("device", "cpu")
+        bw = bandwidth_gbs.get(device) if isinstance(bandwidth_gbs, dict) else bandwidth_gbs
         per_token = kv_bytes_per_token(info, k, v)
         side = side_state_bytes(info, k, v)
         for rec in run.get("records", []):
@@ -337,6 +384,7 @@ def analyze(runs: Sequence[Dict[str, Any]], info: ModelInfo, weights_read_bytes:
             test, n = kind
             depth = int(rec.get("n_depth", 0) or 0)
             row: Dict[str, Any] = {
+                "device": device,
                 "format": run["format"], "cache_k": k, "cache_v": v, "test": test, "n": n, "depth": depth,
                 "tok_s": float(rec["avg_ts"]), "tok_s_sd": float(rec.get("stddev_ts", 0.0) or 0.0),
                 "samples_tok_s": [float(x) for x in rec.get("samples_ts", [])],
@@ -347,14 +395,14 @@ def analyze(runs: Sequence[Dict[str, Any]], info: ModelInfo, weights_read_bytes:
                 total = weights_read_bytes + kv_bytes
                 row.update(kv_tokens=kv_tokens, kv_bytes=kv_bytes, weights_bytes=weights_read_bytes,
                            bytes_per_token=total)
-                if bandwidth_gbs:
-                    bound = bandwidth_gbs * 1e9 / total
+                if bw:
+                    bound = bw * 1e9 / total
                     row.update(bound_tok_s=bound, bound_fraction=row["tok_s"] / bound)
             rows.append(row)
-    base = {(r["format"], r["test"], r["depth"]): r["tok_s"] for r in rows}
+    base = {(r["device"], r["format"], r["test"], r["depth"]): r["tok_s"] for r in rows}
     for r in rows:
         for ref in ALWAYS:
-            r[f"ratio_{ref}"] = _ratio(r["tok_s"], base.get((ref, r["test"], r["depth"])))
+            r[f"ratio_{ref}"] = _ratio(r["tok_s"], base.get((r["device"], ref, r["test"], r["depth"])))
     return rows
 
 
@@ -402,25 +450,37 @@ def run_bench(
     llama_bench: Optional[PathLike] = None,
     timeout: Optional[float] = None,
     progress: bool = True,
+    devices: Union[str, Sequence[str], None] = None,
 ) -> Dict[str, Any]:
     """Benchmark cache formats with llama-bench; returns the report dict.
 
     ``formats``: as for the CLI (``"kv4,q8_0/kv2"`` or a list), ``f16`` and
     ``q4_0`` added; ``None``: :func:`default_formats` the library has.
     ``depths``: ``None`` = 0,2048,8192 on CPU, 0,8192,32768,65536 with
-    ``ngl > 0``. ``tg``: decode tokens, ``None`` = 32 on CPU, 128 on GPU; 0 or
-    ``pp=0`` skips that test. ``bandwidth_gbs``: memory bandwidth for the
-    decode bound; ``None`` = 3350 (H100 SXM) with ``ngl > 0``, no bound on CPU;
-    0 = no bound. ``shape``: a :mod:`pyllm_kv.shape_model` preset to generate
-    (cached) and run instead of ``model``.
+    ``ngl != 0``. ``tg``: decode tokens, ``None`` = 32 on CPU, 128 on GPU; 0 or
+    ``pp=0`` skips that test. ``ngl``: layers on the GPU, -1 = all.
+    ``bandwidth_gbs``: memory bandwidth for the decode bound; ``None`` = 3350
+    (H100 SXM) on the GPU, no bound on the CPU; 0 = no bound. ``shape``: a
+    :mod:`pyllm_kv.shape_model` preset to generate (cached) and run instead of
+    ``model``. ``devices``: ``"cpu,gpu"`` (or a list) runs every format on each
+    (``-ngl 0`` / ``-ngl 99``) instead of once with ``ngl``; with the CPU among
+    them the CPU's default depths and decode tokens apply to both.
 
     A format whose llama-bench run fails is reported with its error; the others
     still run. ``complete`` is False if a run failed or Ctrl-C stopped it.
     """
     # -- everything that can fail cheaply, before any run
     pairs = parse_formats(formats)
-    ngl = _check_int("ngl", ngl, 0)
-    gpu = ngl > 0
+    if isinstance(ngl, bool) or not isinstance(ngl, int) or ngl < -1:
+        raise BenchError(f"ngl (-ngl/--ngl) must be 0 (CPU only), a number of layers, or -1 (all layers), "
+                         f"got {ngl!r}")
+    if devices is None:
+        targets = [("gpu" if ngl != 0 else "cpu", ngl)]
+    else:
+        if ngl != 0:
+            raise BenchError("give either devices (--device) or ngl (-ngl/--gpu), not both")
+        targets = [(d, DEVICES[d]) for d in parse_devices(devices)]
+    gpu = all(n != 0 for _, n in targets)  # GPU-only: the GPU's defaults
     depth_list = parse_depths(depths) if depths is not None else list(GPU_DEPTHS if gpu else CPU_DEPTHS)
     pp = _check_int("pp (prefill tokens)", pp, 0)
     tg = (GPU_TG if gpu else CPU_TG) if tg is None else _check_int("tg (decode tokens)", tg, 0)
@@ -430,7 +490,9 @@ def run_bench(
     if threads is not None:
         threads = _check_int("threads", threads, 1)
     if bandwidth_gbs is None:
-        bw, bw_source = (DEFAULT_GPU_BANDWIDTH_GBS, "default for GPU runs (H100 SXM peak)") if gpu else (None, None)
+        any_gpu = any(n != 0 for _, n in targets)
+        bw, bw_source = ((DEFAULT_GPU_BANDWIDTH_GBS, "default for GPU runs (H100 SXM peak)") if any_gpu
+                         else (None, None))
     else:
         if isinstance(bandwidth_gbs, bool) or not isinstance(bandwidth_gbs, (int, float)) \
                 or not math.isfinite(bandwidth_gbs) or bandwidth_gbs < 0:
@@ -439,6 +501,14 @@ def run_bench(
     if timeout is not None and not timeout > 0:
         raise BenchError(f"timeout must be > 0 seconds, got {timeout!r}")
     exe = find_llama_bench(llama_bench)
+    if devices is not None and "gpu" in dict(targets) and cuda_backend(llama_bench) is None:
+        raise BenchError(
+            f"--device gpu needs llama.cpp's CUDA backend, but there is no libggml-cuda.so in "
+            f"{_libs.lib_dir()}: this is a CPU-only build. Build pyllm-kv with CUDA "
+            "(CMAKE_ARGS=\"-DGGML_CUDA=ON\" pip install ., see the README), or bench the CPU only "
+            "(--device cpu).")
+    # per device: only the GPU gets the default bandwidth; one given explicitly applies to every device
+    bw_by_device = {dev: (bw if (bandwidth_gbs is not None or n != 0) else None) for dev, n in targets}
     pairs = _check_available(pairs, requested=formats is not None)
     path = _resolve_model(model, shape, shape_type, shape_dir)
     info = read_model_info(path)
@@ -449,15 +519,19 @@ def run_bench(
     t_start = time.perf_counter()
     runs: List[Dict[str, Any]] = []
     interrupted = False
+    jobs = [(dev, n, pair) for dev, n in targets for pair in pairs]
     try:
-        for i, (label, k, v) in enumerate(pairs):
-            cmd = build_command(exe, path, k, v, depth_list, pp, tg, reps, threads, ngl)
+        for i, (dev, n, (label, k, v)) in enumerate(jobs):
+            cmd = build_command(exe, path, k, v, depth_list, pp, tg, reps, threads, n)
             if progress:
-                print(f"pyllm-kv bench: [{i + 1}/{len(pairs)}] {label} ...", end="", file=sys.stderr, flush=True)
+                where = f" on the {dev.upper()}" if len(targets) > 1 else ""
+                print(f"pyllm-kv bench: [{i + 1}/{len(jobs)}] {label}{where} ...", end="", file=sys.stderr,
+                      flush=True)
             records, error, dt = _run_one(cmd, timeout)
             if progress:
                 print(f" {dt:.1f} s" + (" FAILED" if error else ""), file=sys.stderr, flush=True)
             runs.append({
+                "device": dev, "ngl": n,
                 "format": label, "cache_k": k, "cache_v": v, "bits_k": _bits(k), "bits_v": _bits(v),
                 "kv_bytes_per_token": kv_bytes_per_token(info, k, v),
                 "side_state_bytes": side_state_bytes(info, k, v),
@@ -468,8 +542,13 @@ def run_bench(
         if progress:
             print(" interrupted", file=sys.stderr)
 
-    rows = analyze(runs, info, wbytes["weights_read_bytes"], bw)
+    rows = analyze(runs, info, wbytes["weights_read_bytes"], bw_by_device)
     first = next((r for run in runs for r in run["records"]), {})
+    device_info = {}
+    for dev, n in targets:
+        rec = next((r for run in runs if run["device"] == dev for r in run["records"]), {})
+        device_info[dev] = {"ngl": n, "backends": rec.get("backends"), "cpu_info": rec.get("cpu_info"),
+                            "gpu_info": rec.get("gpu_info"), "n_threads": rec.get("n_threads")}
     settings = {
         "model": str(Path(path).resolve()),
         "model_name": info.name,
@@ -482,8 +561,9 @@ def run_bench(
         "formats": [p[0] for p in pairs],
         "depths": depth_list, "pp": pp, "tg": tg, "reps": reps,
         "threads": threads if threads is not None else first.get("n_threads"),
-        "ngl": ngl, "flash_attn": True,
-        "bandwidth_gbs": bw, "bandwidth_source": bw_source,
+        "ngl": targets[0][1] if len(targets) == 1 else None, "flash_attn": True,
+        "devices": [dev for dev, _ in targets], "device_info": device_info,
+        "bandwidth_gbs": bw, "bandwidth_source": bw_source, "bandwidth_by_device": bw_by_device,
         "backends": first.get("backends"), "cpu_info": first.get("cpu_info"), "gpu_info": first.get("gpu_info"),
         "build_commit": first.get("build_commit"),
         "llama_bench": str(exe),
@@ -496,7 +576,7 @@ def run_bench(
         "settings": settings,
         "runs": runs,
         "results": rows,
-        "complete": not interrupted and len(runs) == len(pairs) and all(r["error"] is None for r in runs),
+        "complete": not interrupted and len(runs) == len(jobs) and all(r["error"] is None for r in runs),
         "interrupted": interrupted,
         "elapsed_s": time.perf_counter() - t_start,
     }
@@ -516,13 +596,19 @@ def _depth(d: int) -> str:
 def format_table(result: Dict[str, Any]) -> str:
     """The report as Markdown: a settings line, a decode table, a prefill table, errors."""
     s = result["settings"]
-    dev = s.get("gpu_info") or s.get("cpu_info") or "?"
-    where = f"{s.get('backends') or '?'} ({dev})" + (f", -ngl {s['ngl']}" if s["ngl"] else "")
+    devices = _devices(s)
+    if len(devices) > 1:
+        where = " and ".join(f"{d.upper()}: {i.get('backends') or '?'} ({i.get('gpu_info') or i.get('cpu_info') or '?'}, "
+                             f"-ngl {i.get('ngl')})" for d, i in ((d, s["device_info"][d]) for d in devices))
+    else:
+        dev = s.get("gpu_info") or s.get("cpu_info") or "?"
+        where = f"{s.get('backends') or '?'} ({dev})" + (f", -ngl {s['ngl']}" if s["ngl"] else "")
     nt = s.get("threads")
     threads = f", {nt} thread{'s' if nt != 1 else ''}" if nt and not s["ngl"] else ""
     head = (f"**{Path(s['model']).name}** ({s.get('model_type') or s['model_name']}, {s['n_layer']} layers, "
             f"{s['n_head_kv']} KV heads x {s['head_dim_k']}), {where}{threads}, flash attention on, "
             f"{s['reps']} rep(s); tok/s mean ± sd"
+            + ("; ratios to f16 and q4_0 on the same device" if len(devices) > 1 else "")
             + ("" if result.get("complete", True) else " — **incomplete: see errors**"))
     lines = [head]
     rows = result["results"]
@@ -531,7 +617,8 @@ def format_table(result: Dict[str, Any]) -> str:
         if not sel:
             continue
         n = sel[0]["n"]
-        cols = ["format", "bits K/V", "depth", "tok/s", "± sd", "× f16", "× q4_0"]
+        cols = ["format"] + (["device"] if len(devices) > 1 else []) + [
+            "bits K/V", "depth", "tok/s", "± sd", "× f16", "× q4_0"]
         if test == "tg":
             cols += ["MB/token floor"]
             if s.get("bandwidth_gbs"):
@@ -540,7 +627,8 @@ def format_table(result: Dict[str, Any]) -> str:
                   "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
         bits = {run["format"]: f"{run['bits_k']:g}/{run['bits_v']:g}" for run in result["runs"]}
         for r in sel:
-            cells = [r["format"], bits.get(r["format"], "?"), _depth(r["depth"]), f"{r['tok_s']:.2f}",
+            cells = [r["format"]] + ([r.get("device", "cpu").upper()] if len(devices) > 1 else []) + [
+                     bits.get(r["format"], "?"), _depth(r["depth"]), f"{r['tok_s']:.2f}",
                      f"{r['tok_s_sd']:.2f}", _fmt(r.get("ratio_f16"), ".2f"), _fmt(r.get("ratio_q4_0"), ".2f")]
             if test == "tg":
                 cells.append(f"{r['bytes_per_token'] / 1e6:.2f}")
@@ -552,10 +640,16 @@ def format_table(result: Dict[str, Any]) -> str:
     if failed:
         lines.append("")
         for run in failed:
-            lines.append(f"- {run['format']}: {run['error'].splitlines()[0]}")
+            on = f" ({run.get('device', 'cpu').upper()})" if len(devices) > 1 else ""
+            lines.append(f"- {run['format']}{on}: {run['error'].splitlines()[0]}")
     if not rows and not failed:
         lines += ["", "(no results)"]
     return "\n".join(lines)
+
+
+def _devices(settings: Dict[str, Any]) -> List[str]:
+    """Devices of a report (reports from before --device had one, told by ngl)."""
+    return list(settings.get("devices") or ["gpu" if settings.get("ngl") else "cpu"])
 
 
 def plot(result: Dict[str, Any], path: PathLike) -> Path:
@@ -563,7 +657,9 @@ def plot(result: Dict[str, Any], path: PathLike) -> Path:
 
     Our formats are drawn with stars and solid lines, upstream ones with circles
     and dashed lines; with a bandwidth, the decode panel also shows each
-    format's bound as a thin dotted line.
+    format's bound as a thin dotted line. With several devices (``--device
+    cpu,gpu``) each device gets its row of panels (their speeds differ by orders
+    of magnitude, so they do not share an axis).
     """
     import matplotlib  # noqa: PLC0415
 
@@ -571,14 +667,20 @@ def plot(result: Dict[str, Any], path: PathLike) -> Path:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     s = result["settings"]
-    rows = result["results"]
-    panels = [(t, title) for t, title in (("tg", "decode"), ("pp", "prefill")) if any(r["test"] == t for r in rows)]
+    devices = _devices(s)
+    multi = len(devices) > 1
+    panels = [(t, title) for t, title in (("tg", "decode"), ("pp", "prefill"))
+              if any(r["test"] == t for r in result["results"])]
     if not panels:
         panels = [("tg", "decode")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(len(devices), len(panels), figsize=(6.5 * len(panels), 5 * len(devices)), dpi=120,
+                             squeeze=False)
     cmap = plt.get_cmap("tab10")
-    labels = [run["format"] for run in result["runs"]]
-    for ax, (test, title) in zip(axes[0], panels):
+    labels = list(dict.fromkeys(run["format"] for run in result["runs"]))
+    grid = [(axes[i][j], device, test, title) for i, device in enumerate(devices)
+            for j, (test, title) in enumerate(panels)]
+    for ax, device, test, title in grid:
+        rows = [r for r in result["results"] if r.get("device", "cpu") == device] if multi else result["results"]
         sel = [r for r in rows if r["test"] == test]
         n = sel[0]["n"] if sel else "?"
         for i, label in enumerate(labels):
@@ -595,7 +697,8 @@ def plot(result: Dict[str, Any], path: PathLike) -> Path:
                 ax.plot(x, [p[3] for p in pts], color=color, ls=":", lw=0.8, alpha=0.7)
         ax.set_xlabel("depth (tokens already in the KV cache)")
         ax.set_ylabel("tokens / s")
-        ax.set_title(f"{title} (tg{n})" if test == "tg" else f"{title} (pp{n})", fontsize=10)
+        ax.set_title((f"{device.upper()} " if multi else "")
+                     + (f"{title} (tg{n})" if test == "tg" else f"{title} (pp{n})"), fontsize=10)
         ax.set_ylim(bottom=0)
         depths = s.get("depths") or []
         if depths:
@@ -606,10 +709,14 @@ def plot(result: Dict[str, Any], path: PathLike) -> Path:
             ax.legend(fontsize=8, loc="best")
         else:
             ax.text(0.5, 0.5, "no results", transform=ax.transAxes, ha="center", va="center")
-    where = s.get("gpu_info") or s.get("cpu_info") or ""
     bound = f"; dotted: bound at {s['bandwidth_gbs']:g} GB/s" if s.get("bandwidth_gbs") else ""
-    fig.suptitle(f"{Path(s['model']).name} ({s.get('model_type') or s['model_name']}), {where}"
-                 f"{', -ngl ' + str(s['ngl']) if s['ngl'] else ''}, FA on{bound}", fontsize=10)
+    if multi:
+        where = ", ".join(f"{d.upper()} {s['device_info'][d].get('gpu_info') or s['device_info'][d].get('cpu_info') or ''}"
+                          f" (-ngl {s['device_info'][d].get('ngl')})" for d in devices)
+    else:
+        where = (s.get("gpu_info") or s.get("cpu_info") or "") + (f", -ngl {s['ngl']}" if s["ngl"] else "")
+    fig.suptitle(f"{Path(s['model']).name} ({s.get('model_type') or s['model_name']}), {where}, FA on{bound}",
+                 fontsize=10)
     return report_io.save_figure(fig, path)
 
 
@@ -646,8 +753,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: llama-bench's)")
     gpu = parser.add_mutually_exclusive_group()
     gpu.add_argument("-ngl", "--ngl", dest="ngl", type=int, default=None, metavar="N",
-                     help="layers to offload to the GPU (default 0)")
+                     help="layers to offload to the GPU (default 0; -1 = all)")
     gpu.add_argument("--gpu", action="store_true", help=f"every layer on the GPU (-ngl {GPU_NGL})")
+    gpu.add_argument("--device", default=None, metavar="cpu,gpu",
+                     help=f"run every format on each device given (cpu: -ngl 0, gpu: -ngl {GPU_NGL}): one "
+                          "table and one plot, ratios to f16/q4_0 of the same device")
     parser.add_argument("--bandwidth", type=float, default=None, metavar="GB/s",
                         help="memory bandwidth for the decode bound (bytes/token floor). Default: "
                              f"{DEFAULT_GPU_BANDWIDTH_GBS:g} (H100 SXM) with --gpu/-ngl > 0; none on CPU; "
@@ -673,12 +783,13 @@ def run_cli(args: argparse.Namespace) -> int:
         model=args.model, formats=args.formats, depths=args.depths, pp=args.pp, tg=args.tg, reps=args.reps,
         threads=args.threads, ngl=ngl, bandwidth_gbs=args.bandwidth, shape=args.shape,
         shape_type=args.shape_type, shape_dir=args.shape_dir, llama_bench=args.llama_bench,
-        timeout=args.timeout, progress=not args.no_progress,
+        timeout=args.timeout, progress=not args.no_progress, devices=args.device,
     )
     report_io.emit(result, format_table(result), args.json_out, args.plot_out, plot, "pyllm-kv bench")
     for run in result["runs"]:
         if run["error"]:
-            print(f"pyllm-kv bench: {run['format']}: {run['error']}", file=sys.stderr)
+            on = f" ({run.get('device', 'cpu').upper()})" if args.device else ""
+            print(f"pyllm-kv bench: {run['format']}{on}: {run['error']}", file=sys.stderr)
     if result["interrupted"]:
         return 130
     return 0 if result["complete"] else 1

@@ -65,11 +65,25 @@ def load_params(n_ctx: Any, n_batch: Any, n_threads: Any, n_gpu_layers: Any, see
     if n_threads is not None:
         integer("n_threads", n_threads, 1, 4096, " Use None for llama.cpp's default.")
     # llama.cpp reads any negative n_gpu_layers as "all layers".
-    integer("n_gpu_layers", n_gpu_layers, -1, 2**31 - 1, " Use 0 for CPU only, -1 for all layers.")
+    integer("n_gpu_layers", n_gpu_layers, -1, 2**31 - 1,
+            " Use 0 for CPU only, -1 for all layers (--ngl on the command line).")
     integer("seed", seed, 0, UINT32_MAX)
     if not isinstance(flash_attn, bool):
         # A string like "no" is truthy and would silently turn flash attention on.
         raise InvalidParameter(f"flash_attn must be True or False, got {flash_attn!r}.")
+
+
+def tensor_split(weights: Any) -> List[float]:
+    """load(tensor_split=): one non-negative finite weight per device, not all zero,
+    at most 16 (llama.cpp's LLAMA_MAX_DEVICES; llama-cpp-python raises past it)."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise InvalidParameter(f"tensor_split must be a list of weights, one per device, got {weights!r}")
+    out = [real("tensor_split entry", w, 0.0) for w in weights]
+    if not out or len(out) > 16 or not any(out):
+        raise InvalidParameter(
+            f"tensor_split needs 1 to 16 weights with at least one above 0 (one per device: RPC servers "
+            f"first, then local GPUs), got {list(weights)!r}")
+    return out
 
 
 def kv_fits_in_memory(kv_bytes: float, n_ctx: int, what: str) -> None:

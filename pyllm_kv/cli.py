@@ -6,6 +6,7 @@
     pyllm-kv info [MODEL]
     pyllm-kv eval ...     (pyllm_kv.eval)
     pyllm-kv bench ...    (pyllm_kv.bench)
+    pyllm-kv serve ...    (pyllm_kv.serve: llama-server, OpenAI-compatible)
 
 Errors the user can fix (PyllmKvError) are printed as one line,
 ``pyllm-kv: error: ...``, with exit code 2 (argparse's convention), no traceback.
@@ -19,7 +20,7 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import formats, squat_options
-from .errors import PyllmKvError
+from .errors import InvalidParameter, PyllmKvError
 
 PROG = "pyllm-kv"
 
@@ -29,6 +30,8 @@ PROG = "pyllm-kv"
 _PLUGINS: Dict[str, Tuple[str, str]] = {
     "eval": ("pyllm_kv.eval", "quality of cache formats vs the f16 cache (KLD, top-1, PPL)"),
     "bench": ("pyllm_kv.bench", "speed of cache formats (prefill/decode tok/s at depth)"),
+    "serve": ("pyllm_kv.serve", "OpenAI-compatible chat server (the bundled llama-server) with these cache formats"),
+    "advise": ("pyllm_kv.advise", "the best K/V cache pair for a model under a bit budget (a short real eval)"),
 }
 # Tasks of `pyllm-kv eval --task T`, each its own module with the same two functions.
 _EVAL_TASKS: Dict[str, Tuple[str, str]] = {
@@ -50,7 +53,12 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--cache-v", metavar="F", help="V cache format (overrides --cache); default f16")
     g.add_argument("--ctx", type=int, default=2048, metavar="N", help="context size in tokens (default 2048)")
     g.add_argument("--no-flash-attn", action="store_true", help="disable flash attention (float V caches only)")
-    g.add_argument("--ngl", type=int, default=0, metavar="N", help="layers to offload to the GPU (default 0)")
+    g.add_argument("--ngl", type=int, default=0, metavar="N",
+                   help="layers to offload to the GPU or the --rpc servers (default 0; -1 = all)")
+    g.add_argument("--rpc", metavar="HOST:PORT,...", default=None,
+                   help="ggml-rpc-servers for the offloaded layers and their KV cache (docs/rpc.md)")
+    g.add_argument("--tensor-split", metavar="W,W,...", default=None,
+                   help="share of the offloaded layers per device: --rpc servers first, then local GPUs")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: llama.cpp's choice)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     squat_options.add_arguments(g)
@@ -116,7 +124,17 @@ def _load(args: argparse.Namespace) -> Any:
         args.model, cache_k=cache_k, cache_v=cache_v, flash_attn=not args.no_flash_attn,
         n_ctx=args.ctx, n_gpu_layers=args.ngl, n_threads=args.threads, seed=args.seed,
         verbose=args.verbose, squat=squat_options.from_args(args),
+        rpc_servers=args.rpc, tensor_split=_tensor_split(args.tensor_split),
     )
+
+
+def _tensor_split(text: Optional[str]) -> Optional[List[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise InvalidParameter(f"--tensor-split takes comma-separated numbers (e.g. 1,1), got {text!r}") from None
 
 
 def _max_tokens(args: argparse.Namespace) -> Optional[int]:
@@ -226,6 +244,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"ctx_train   {info.n_ctx_train}")
     print(f"vocab       {info.n_vocab}")
     print(f"chat tmpl   {'yes' if info.has_chat_template else 'no'}")
+    if info.n_swa:
+        n_sliding = sum(info.swa_layers) if info.swa_layers is not None else None
+        print(f"window      {info.n_swa} tokens on "
+              + (f"{n_sliding} of {info.n_layer} layers" if n_sliding is not None else "some layers (layout unknown)")
+              + " (iSWA; pyllm_kv.load keeps llama.cpp's full-size window cache unless swa_full=False)")
     print()
     header = ["format", "bits/value", "KV B/token", "MiB / 1k tokens"]
     if args.ctx:

@@ -74,3 +74,8 @@ class StateFileError(PyllmKvError, ValueError):
 class StateMismatch(StateFileError):
     """A valid state file saved with another model, cache format, flash-attention
     setting or native build, or one that does not fit this context."""
+
+
+class RpcServerRefused(PyllmKvError, ConnectionError):
+    """An RPC server (``rpc_servers``, ``--rpc``) that cannot be used: unreachable, not a
+    pyllm-kv ggml-rpc-server, or one whose ggml type table differs from this build's."""

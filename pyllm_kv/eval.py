@@ -9,21 +9,32 @@ read the numbers.
 
 Chunking follows llama-perplexity: the token stream is cut into chunks of
 ``ctx`` tokens, each chunk starts from an empty KV cache (first token replaced
-by BOS when the model adds one), is decoded in one ``llama_decode`` call, and
-only its second half is scored (so every scored token sees at least ctx/2
-tokens of context): positions ``ctx/2 .. ctx-2`` predict tokens
-``ctx/2+1 .. ctx-1``, ``ctx - 1 - ctx/2`` scores per chunk.
+by BOS when the model adds one), and only its second half is scored (so every
+scored token sees at least ctx/2 tokens of context): positions ``ctx/2 .. ctx-2``
+predict tokens ``ctx/2+1 .. ctx-1``, ``ctx - 1 - ctx/2`` scores per chunk.
 
-Formats are run chunk by chunk (one llama.cpp context per format, each cleared
-before every chunk), so only one chunk of reference log-probabilities is ever
-held in memory, and an interrupted run (Ctrl-C) reports every finished chunk
-for every format.
+Memory does not grow with the number of formats (``eval_memory`` has the
+arithmetic, and refuses a run the machine cannot hold before it starts):
+
+* the weights are loaded once and every format gets a context on them, one
+  context at a time, alive for one pass over one chunk (``eval_llama``);
+* a chunk is decoded ``n_ubatch`` tokens per ``llama_decode`` call, and the
+  logits of each call are reduced to per-position statistics at once, a few
+  rows at a time (``eval_metrics.block_stats``);
+* the f16 reference of the current chunk waits in a temporary file, read back a
+  block at a time while each candidate runs (``eval_reference``).
+
+So each chunk is: the reference pass, then one pass per candidate format.
+With ``--json`` the report is rewritten after every pass and each pass's
+per-position numbers go to a journal beside it, so a killed run keeps what it
+measured and ``--resume`` carries on from there (``eval_journal``); Ctrl-C
+reports every chunk finished for every format.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
 import os
 import sys
 import time
@@ -32,15 +43,24 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _libs, corpus, formats, report_io, squat_options
-from .report_io import write_json
+from . import _libs, checks, corpus, eval_memory, formats, report_io, squat_options
 from .errors import FormatNotAvailable, PyllmKvError
-from .eval_metrics import Accumulator, Reference, compare
+from .eval_journal import Journal, journal_path
+from .eval_llama import FormatRunner as _Runner
+from .eval_llama import SharedModel, n_ubatch_for, type_ids
+from .eval_memory import NotEnoughMemory
+from .eval_metrics import ChunkStats, block_stats, rows_per_block
+from .eval_reference import ReferenceStore
+from .eval_report import build_report, format_table, plot
+from .model import validate_config
+from .model_info import kv_bytes_per_token, read_model_info, side_state_bytes
+from .report_io import write_json
 from .squat_options import SquatOptions
 
 __all__ = [
     "DEFAULT_FORMATS",
     "EvalError",
+    "NotEnoughMemory",
     "REFERENCE",
     "parse_formats",
     "evaluate",
@@ -115,75 +135,97 @@ def _default_pairs() -> List[Tuple[str, str, str]]:
     return keep
 
 
-# ---------------------------------------------------------------------------- runner
+# ---------------------------------------------------------------------------- model
 
 
-class _Runner:
-    """One llama.cpp context with a given cache format, decoding whole chunks."""
-
-    def __init__(self, model: Any, ctx: int):
-        self.model = model
-        self.ll = _libs.llama_cpp()
-        self.llama = model.llama
-        self.ctx_ptr = self.llama.ctx
-        self.n_vocab = int(self.llama.n_vocab())
-        self.ctx = ctx
-        self.first = ctx // 2
-        self.batch = self.ll.llama_batch_init(ctx, 0, 1)
-        self.seconds = 0.0
-        self.tokens_decoded = 0
-
-    def close(self) -> None:
-        if self.batch is not None:
-            self.ll.llama_batch_free(self.batch)
-            self.batch = None
-        self.model.close()
-
-    def run(self, tokens: np.ndarray) -> np.ndarray:
-        """Decode one chunk from an empty cache; float32 logits of positions first..ctx-2."""
-        ll, b, n = self.ll, self.batch, len(tokens)
-        t0 = time.perf_counter()
-        ll.llama_memory_clear(ll.llama_get_memory(self.ctx_ptr), True)
-        b.n_tokens = n
-        for i in range(n):
-            b.token[i] = int(tokens[i])
-            b.pos[i] = i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = 1 if self.first <= i < n - 1 else 0
-        rc = ll.llama_decode(self.ctx_ptr, b)
-        if rc != 0:
-            raise PyllmKvError(f"llama_decode failed (rc={rc}) for cache "
-                               f"{self.model.cache_k.name}/{self.model.cache_v.name}")
-        n_out = n - 1 - self.first
-        ptr = ll.llama_get_logits(self.ctx_ptr)
-        logits = np.ctypeslib.as_array(ptr, shape=(n_out * self.n_vocab,)).reshape(n_out, self.n_vocab).copy()
-        self.seconds += time.perf_counter() - t0
-        self.tokens_decoded += n
-        return logits
+def _load(path: Path, n_gpu_layers: int, verbose: bool) -> SharedModel:
+    """The model's weights, loaded once for every format's context."""
+    return SharedModel(path, n_gpu_layers=n_gpu_layers, verbose=verbose)
 
 
-def _load(model: Optional[PathLike], k: str, v: str, ctx: int, n_threads: Optional[int],
-          verbose: bool, squat: Optional[SquatOptions] = None) -> Any:
-    from .model import load  # noqa: PLC0415 (keeps `import pyllm_kv.eval` cheap)
+def _model_path(model: Optional[PathLike]) -> Path:
+    from .model import default_model_path  # noqa: PLC0415
 
-    return load(model, cache_k=k, cache_v=v, flash_attn=True, n_ctx=ctx, n_batch=ctx,
-                n_threads=n_threads, verbose=verbose, squat=squat)
+    if model is None:
+        return default_model_path()
+    checks.model_path(model)
+    return Path(model).expanduser()
 
 
-def _bits_record(model: Any) -> Dict[str, Any]:
-    rep = model.kv_report()
-    values = rep["n_layer"] * rep["n_head_kv"] * (rep["head_dim"] + rep["head_dim_v"])
+def _squat_settings(squat: Optional[SquatOptions]) -> Dict[str, Any]:
+    """The SQuat settings a context made now gets (options over environment over defaults)."""
+    with squat_options.applied(squat):
+        return squat_options.from_environment()
+
+
+def _bits_record(info: Any, k: str, v: str, n_ctx: int, squat_transform: str) -> Dict[str, Any]:
+    """Storage cost of cache K/V in a context of n_ctx tokens (as Model.kv_report counts it)."""
+    fk, fv = formats.resolve(k), formats.resolve(v)
+    side = side_state_bytes(info, fk, fv, squat_transform if "squat" in
+                            (fk.side_state_kind, fv.side_state_kind) else "hadamard")
+    per_token = kv_bytes_per_token(info, fk, fv) + side / n_ctx
+    values = info.n_layer * info.n_head_kv * (info.head_dim_k + info.head_dim_v)
     return {
-        "cache_k": rep["cache_k"],
-        "cache_v": rep["cache_v"],
-        "bits_k": rep["bits_k"],
-        "bits_v": rep["bits_v"],
+        "cache_k": fk.name,
+        "cache_v": fv.name,
+        "bits_k": fk.bits,
+        "bits_v": fv.bits,
         # all of K and V per token, block scales and side state (spread over n_ctx) included
-        "bits_per_value": 8.0 * rep["kv_bytes_per_token"] / values if values else None,
-        "kv_bytes_per_token": rep["kv_bytes_per_token"],
-        "side_state_bytes": rep.get("side_state_bytes", 0),
+        "bits_per_value": 8.0 * per_token / values if values else None,
+        "kv_bytes_per_token": per_token,
+        "side_state_bytes": side,
     }
+
+
+def _model_shape(info: Any, path: Path, pairs: Sequence[Tuple[str, str, str]], n_gpu_layers: int,
+                 squat_transform: str) -> eval_memory.ModelShape:
+    every = list(pairs) + [(REFERENCE, REFERENCE, REFERENCE)]
+    return eval_memory.ModelShape(
+        model_bytes=path.stat().st_size,
+        n_vocab=info.n_vocab,
+        attn_width=info.n_head * max(info.head_dim_k, info.head_dim_v),
+        kv_bytes_per_token=max(kv_bytes_per_token(info, k, v) for _, k, v in every),
+        side_state_bytes=max(side_state_bytes(info, k, v, squat_transform) for _, k, v in every),
+        n_formats=len(pairs),
+        n_gpu_layers=n_gpu_layers,
+    )
+
+
+# ---------------------------------------------------------------------------- passes
+
+
+def _reference_pass(runner: _Runner, chunk: np.ndarray, targets: np.ndarray, store: ReferenceStore,
+                    self_compare: bool) -> Optional[ChunkStats]:
+    """Decode the chunk with the f16 cache into ``store``; with ``self_compare``
+    also the statistics of the reference against itself (an ``f16`` entry)."""
+    store.reset()
+    parts: List[ChunkStats] = []
+    with contextlib.closing(runner.run(chunk)) as slices:
+        for row, logits in slices:
+            store.append(logits)
+            if self_compare:
+                for s in range(0, logits.shape[0], store.block_rows):
+                    e = min(logits.shape[0], s + store.block_rows)
+                    parts.append(block_stats(logits[s:e], None, targets[row + s:row + e]))
+    if store.n_rows != len(targets):
+        raise PyllmKvError(f"the reference run returned {store.n_rows} rows, expected {len(targets)}")
+    return ChunkStats.concat(parts) if self_compare else None
+
+
+def _candidate_pass(runner: _Runner, chunk: np.ndarray, targets: np.ndarray,
+                    store: ReferenceStore) -> ChunkStats:
+    """Decode the chunk with the runner's cache and compare it, block by block, with the reference."""
+    parts: List[ChunkStats] = []
+    with contextlib.closing(runner.run(chunk)) as slices:
+        for row, logits in slices:
+            for s in range(0, logits.shape[0], store.block_rows):
+                e = min(logits.shape[0], s + store.block_rows)
+                ref = store.read(row + s, row + e)
+                parts.append(block_stats(ref, logits[s:e], targets[row + s:row + e]))
+    stats = ChunkStats.concat(parts)
+    if len(stats) != len(targets):
+        raise PyllmKvError(f"cache {runner.label}: {len(stats)} scored rows, expected {len(targets)}")
+    return stats
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -200,6 +242,10 @@ def evaluate(
     rerun_reference: bool = False,
     verbose: bool = False,
     squat: Optional[SquatOptions] = None,
+    n_gpu_layers: int = 0,
+    json_out: Optional[PathLike] = None,
+    resume: bool = False,
+    tmp_dir: Optional[PathLike] = None,
 ) -> Dict[str, Any]:
     """Compare KV-cache formats against the f16 cache on a text; returns the report dict.
 
@@ -210,6 +256,15 @@ def evaluate(
     ``rerun_reference``: give an ``f16`` entry its own context and run instead
     of reusing the reference run (checks that the run is deterministic).
     ``squat``: settings for the squat* formats (:class:`pyllm_kv.SquatOptions`).
+    ``n_gpu_layers``: layers on the GPU (-1: all), as for :func:`pyllm_kv.load`.
+    ``json_out``: write the report there after every pass (and at the end), and
+    every pass's per-position numbers to a journal beside it
+    (:mod:`pyllm_kv.eval_journal`); ``resume``: skip the passes that journal holds.
+    ``tmp_dir``: where the f16 reference of the current chunk is kept (default:
+    the system's temporary directory).
+
+    The run's peak memory is estimated first (:mod:`pyllm_kv.eval_memory`);
+    NotEnoughMemory says which ``ctx`` would fit when the machine lacks it.
 
     The result has ``settings`` and ``results`` (one record per format, in the
     requested order); ``complete`` is False if the run was interrupted (Ctrl-C),
@@ -223,131 +278,140 @@ def evaluate(
         raise EvalError(f"ctx must be an even number >= 8 (e.g. 512), got {ctx}")
     if chunks is not None and int(chunks) < 1:
         raise EvalError(f"chunks must be >= 1, got {chunks}")
+    n_gpu_layers = checks.integer("n_gpu_layers (--ngl)", n_gpu_layers, -1, 2**31 - 1,
+                                  " Use 0 for CPU only, -1 for all layers.")
+    if resume and json_out is None:
+        raise EvalError("resume needs the JSON file of the earlier run (--json FILE): "
+                        "its journal of finished passes lies beside it")
+    path = _model_path(model)
+    info = read_model_info(path)  # ModelNotFound / InvalidModelFile
+    for _, k, v in pairs + [(REFERENCE, REFERENCE, REFERENCE)]:
+        validate_config(info, k, v, True)  # head_dim vs block size
     if text is None:
         body, text_source = corpus.load_text(), corpus.describe()
     else:
         body, text_source = corpus.read_text_file(text), {"path": str(Path(text).resolve())}
     if n_threads is None:
         n_threads = os.cpu_count() or 1
+    squat_settings = _squat_settings(squat)
+    squat_transform = str(squat_settings["transform"])
+    # at most one chunk per ctx bytes of text (a token is at least one byte)
+    chunks_bound = max(1, len(body.encode("utf-8")) // ctx) if chunks is None else int(chunks)
+    memory = eval_memory.check(_model_shape(info, path, pairs, n_gpu_layers, squat_transform), ctx,
+                               chunks_bound, tmp_dir)
 
     t_start = time.perf_counter()
-    runners: Dict[str, _Runner] = {}
+    shared = _load(path, n_gpu_layers, verbose)
     try:
-        ref = _Runner(_load(model, REFERENCE, REFERENCE, ctx, n_threads, verbose), ctx)
-        runners[REFERENCE + "#ref"] = ref
-        ll = ref.ll
-        vocab = ll.llama_model_get_vocab(ref.llama.model)
-        add_bos = bool(ll.llama_vocab_get_add_bos(vocab))
-        bos = int(ll.llama_vocab_bos(vocab))
-        tokens = np.asarray(ref.model.tokenize(body, add_bos=add_bos), dtype=np.int32)
+        tokens = shared.tokenize(body, add_bos=shared.add_bos)
         n_avail = len(tokens) // ctx
         if n_avail < 1:
             raise EvalError(f"the text has {len(tokens)} tokens, fewer than one chunk of ctx={ctx}: "
                             "use a longer text or a smaller --ctx")
         n_chunks = n_avail if chunks is None else min(int(chunks), n_avail)
-
-        # one context per candidate; an f16 entry reuses the reference run unless asked not to
+        labels = [label for label, _, _ in pairs]
         reuse = {label for label, k, v in pairs if (k, v) == (REFERENCE, REFERENCE) and not rerun_reference}
-        for label, k, v in pairs:
-            if label not in reuse:
-                runners[label] = _Runner(_load(model, k, v, ctx, n_threads, verbose, squat), ctx)
-        bits = {label: _bits_record(runners[REFERENCE + "#ref"].model if label in reuse else runners[label].model)
-                for label, _, _ in pairs}
-        ref_bits = _bits_record(ref.model)
-        n_vocab = ref.n_vocab
-        info = ref.model.info
-
-        acc = {label: Accumulator() for label, _, _ in pairs}
-        ref_acc_tokens = 0
-        first = ctx // 2
-        n_score = ctx - 1 - first
-        runs_per_chunk = 1 + len(pairs) - len(reuse)
-        interrupted = False
-        bar = _progress(n_chunks * runs_per_chunk, progress)
-        done = 0
-        try:
-            for c in range(n_chunks):
-                chunk = tokens[c * ctx:(c + 1) * ctx].copy()
-                if add_bos:
-                    chunk[0] = bos
-                targets = chunk[first + 1:]
-                bar.set_postfix_str(f"chunk {c + 1}/{n_chunks} {REFERENCE}", refresh=False)
-                ref_logits = ref.run(chunk)
-                reference = Reference.from_logits(ref_logits, targets)
-                bar.update(1)
-                pending = {}
-                for label, _, _ in pairs:
-                    if label in reuse:
-                        # the reference's own logits: every comparison is exact (KLD 0)
-                        logits_stats = compare(reference, ref_logits)
-                    else:
-                        bar.set_postfix_str(f"chunk {c + 1}/{n_chunks} {label}", refresh=False)
-                        logits_stats = compare(reference, runners[label].run(chunk))
-                        bar.update(1)
-                    pending[label] = logits_stats
-                for label, st in pending.items():  # commit only whole chunks
-                    acc[label].add(st)
-                ref_acc_tokens += n_score
-                done = c + 1
-                del reference, ref_logits, pending
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            bar.close()
-
-        results = []
-        for label, k, v in pairs:
-            rec: Dict[str, Any] = {"format": label}
-            rec.update(bits[label])
-            rec["is_reference"] = label in reuse
-            rec.update(acc[label].summary())
-            if label in runners and runners[label].tokens_decoded:
-                rec["prefill_tok_s"] = runners[label].tokens_decoded / runners[label].seconds
-            results.append(rec)
-
+        n_ctx = eval_memory.n_ctx_allocated(ctx)
+        bits = {label: _bits_record(info, k, v, n_ctx, squat_transform) for label, k, v in pairs}
         settings = {
             "model": str(info.path),
             "model_name": info.name,
-            "n_vocab": n_vocab,
+            "n_vocab": shared.n_vocab,
             "text": text_source,
             "text_tokens": int(len(tokens)),
             "ctx": ctx,
-            "chunks": done,
+            "chunks": 0,
             "chunks_requested": None if chunks is None else int(chunks),
             "chunks_available": n_avail,
-            "scored_per_chunk": n_score,
-            "scored_positions": f"{first}..{ctx - 2} (predicting tokens {first + 1}..{ctx - 1})",
-            "bos_per_chunk": add_bos,
+            "scored_per_chunk": ctx - 1 - ctx // 2,
+            "scored_positions": f"{ctx // 2}..{ctx - 2} (predicting tokens {ctx // 2 + 1}..{ctx - 1})",
+            "bos_per_chunk": shared.add_bos,
             "reference": REFERENCE,
-            "reference_bits": ref_bits,
+            "reference_bits": _bits_record(info, REFERENCE, REFERENCE, n_ctx, squat_transform),
             "reference_rerun": bool(rerun_reference),
             "flash_attn": True,
             "n_batch": ctx,
+            "n_ubatch": n_ubatch_for(ctx),
             "n_threads": n_threads,
+            "n_gpu_layers": n_gpu_layers,
             "lib_dir": str(_libs.lib_dir()),
-            "formats": [label for label, _, _ in pairs],
+            "formats": labels,
+            "memory_estimate": {"total_bytes": memory.total, "parts": memory.parts,
+                                "reference_file_bytes": memory.disk_bytes},
         }
-        return {
-            "tool": "pyllm-kv eval",
-            "version": _version(),
-            "settings": settings,
-            "results": results,
-            "complete": (not interrupted) and done == n_chunks,
-            "interrupted": interrupted,
-            "elapsed_s": time.perf_counter() - t_start,
-        }
+        # what decides the numbers: a journal written with anything else is not resumed
+        journal = Journal(None if json_out is None else journal_path(json_out), {
+            "model": str(info.path), "model_bytes": path.stat().st_size, "text": text_source,
+            "text_tokens": int(len(tokens)), "ctx": ctx, "bos_per_chunk": shared.add_bos,
+            "reference_rerun": bool(rerun_reference), "n_gpu_layers": n_gpu_layers,
+            "lib_dir": str(_libs.lib_dir()), "squat": squat_settings, "env": _numerics_env(),
+        }, resume=resume)
+        if json_out is not None:
+            settings["journal"] = str(journal.path)
+
+        def report(interrupted: bool, final: bool) -> Dict[str, Any]:
+            return build_report(settings, pairs, bits, reuse, journal, journal.complete_chunks(labels, n_chunks),
+                                n_chunks, interrupted, final, time.perf_counter() - t_start)
+
+        def checkpoint() -> None:  # after every pass: what is finished survives a crash or a kill
+            if json_out is not None:
+                write_json(report(False, False), json_out)
+
+        interrupted = False
+        try:
+            _run_passes(shared, tokens, pairs, reuse, ctx, n_chunks, n_threads, squat, journal, tmp_dir,
+                        progress, checkpoint)
+        except KeyboardInterrupt:
+            interrupted = True
+        result = report(interrupted, True)
+        if json_out is not None:
+            write_json(result, json_out)
+        return result
     finally:
-        for r in runners.values():
-            r.close()
+        shared.close()
 
 
-def _version() -> str:
+def _run_passes(shared: SharedModel, tokens: np.ndarray, pairs: Sequence[Tuple[str, str, str]], reuse: set,
+                ctx: int, n_chunks: int, n_threads: int, squat: Optional[SquatOptions], journal: Journal,
+                tmp_dir: Optional[PathLike], progress: bool, checkpoint: Any) -> None:
+    """Every pass the journal lacks, chunk by chunk: the reference, then each format."""
+    labels = [label for label, _, _ in pairs]
+    ref = _Runner(shared, f"{REFERENCE} (reference)", *type_ids([(REFERENCE, REFERENCE, REFERENCE)])[0],
+                  ctx, n_threads, squat)
+    runners = {label: _Runner(shared, label, *ids, ctx, n_threads, squat)
+               for label, ids in zip(labels, type_ids(pairs)) if label not in reuse}
+    todo = [(c, [lb for lb in labels if not journal.has(c, lb)]) for c in range(n_chunks)]
+    todo = [(c, pending) for c, pending in todo if pending]
+    bar = _progress(sum(1 + len([lb for lb in pending if lb not in reuse]) for _, pending in todo), progress)
+    first = ctx // 2
     try:
-        from . import __version__  # noqa: PLC0415
+        with ReferenceStore(shared.n_vocab, rows_per_block(shared.n_vocab), tmp_dir) as store:
+            for c, pending in todo:
+                chunk = tokens[c * ctx:(c + 1) * ctx].copy()
+                if shared.add_bos:
+                    chunk[0] = shared.bos
+                targets = chunk[first + 1:]
+                bar.set_postfix_str(f"chunk {c + 1}/{n_chunks} {REFERENCE}", refresh=False)
+                own = _reference_pass(ref, chunk, targets, store, any(lb in reuse for lb in pending))
+                bar.update(1)
+                for label in pending:
+                    if label in reuse:  # the reference's own logits: every comparison is exact (KLD 0)
+                        journal.add(c, label, own, 0.0, 0)
+                    else:
+                        runner = runners[label]
+                        bar.set_postfix_str(f"chunk {c + 1}/{n_chunks} {label}", refresh=False)
+                        t0, n0 = runner.seconds, runner.tokens_decoded
+                        stats = _candidate_pass(runner, chunk, targets, store)
+                        journal.add(c, label, stats, runner.seconds - t0, runner.tokens_decoded - n0)
+                        bar.update(1)
+                    checkpoint()
+    finally:
+        bar.close()
 
-        return __version__
-    except Exception:  # pragma: no cover
-        return "unknown"
+
+def _numerics_env() -> Dict[str, str]:
+    """Environment variables that change what our cache formats compute."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(("PYLLM_KV_SQUAT_", "PYLLM_KV_DECO_"))}
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -356,108 +420,6 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc="eval", unit="pass", disable=not enabled, file=sys.stderr,
                 dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
                 "[{elapsed}<{remaining}, {rate_fmt}] {postfix}")
-
-
-# ---------------------------------------------------------------------------- outputs
-
-
-def _num(x: Optional[float], fmt: str) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    if x == 0:
-        return "0"
-    return format(x, fmt)
-
-
-def _bits(x: float) -> str:
-    return f"{x:g}"
-
-
-def format_table(result: Dict[str, Any]) -> str:
-    """The report as a Markdown table (plus a one-line header of settings)."""
-    s = result["settings"]
-    head = (f"**{Path(s['model']).name}**, ctx {s['ctx']}, {s['chunks']} chunk(s) x "
-            f"{s['scored_per_chunk']} scored tokens, flash attention on, reference: {s['reference']} cache"
-            + ("" if result.get("complete", True) else " — **interrupted: partial results**"))
-    cols = ["format", "K bits", "V bits", "bits/value", "KV B/token", "PPL", "ΔPPL", "KLD mean",
-            "KLD p99", "top-1"]
-    rows = []
-    for r in result["results"]:
-        if not r.get("n_tokens"):
-            rows.append([r["format"], _bits(r["bits_k"]), _bits(r["bits_v"]),
-                         f"{r['bits_per_value']:.3g}", f"{r['kv_bytes_per_token']:.0f}"] + ["–"] * 5)
-            continue
-        dppl = f"{r['ppl_delta']:+.4f} ({r['ppl_delta_pct']:+.2f}%)"
-        rows.append([
-            r["format"] + (" (ref)" if r.get("is_reference") else ""),
-            _bits(r["bits_k"]), _bits(r["bits_v"]), f"{r['bits_per_value']:.3g}",
-            f"{r['kv_bytes_per_token']:.0f}", f"{r['ppl']:.4f}", dppl,
-            _num(r["kld_mean"], ".4g"), _num(r["kld_p99"], ".4g"), f"{100 * r['top1']:.2f}%",
-        ])
-    lines = [head, "", "| " + " | ".join(cols) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def plot(result: Dict[str, Any], path: PathLike) -> Path:
-    """KLD (log scale) against bits per value, one point per format; PNG at ``path``.
-
-    Filled markers: mean KLD; hollow markers above them: 99th percentile. A KLD
-    of exactly 0 (the f16 reference) cannot sit on a log axis: it is drawn on a
-    floor one decade below the smallest positive value and labelled so.
-    """
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    s = result["settings"]
-    recs = [r for r in result["results"] if r.get("n_tokens")]
-    positive = [v for r in recs for v in (r["kld_mean"], r["kld_p99"]) if v and v > 0]
-    floor = 10 ** math.floor(math.log10(min(positive)) - 1) if positive else 1e-6
-
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    cmap = plt.get_cmap("tab10")
-    # formats with the same bits per value (q4_0, iq4_nl, kv4): spread their labels
-    offsets = [((6, -10), "left"), ((-6, -10), "right"), ((6, 4), "left"), ((-6, 4), "right")]
-    seen_x: Dict[float, int] = {}
-    for i, r in enumerate(recs):
-        color = cmap(i % 10)
-        x = r["bits_per_value"]
-        ours = any(formats.resolve(n).is_ours for n in (r["cache_k"], r["cache_v"]))
-        marker = "*" if ours else "o"
-        size = 140 if ours else 60
-        y, y99 = r["kld_mean"], r["kld_p99"]
-        if y > 0:
-            ax.scatter([x], [y], s=size, marker=marker, color=color, zorder=3,
-                       label=f"{r['format']} ({x:.3g} b/v)")
-            if y99 > y:
-                ax.plot([x, x], [y, y99], color=color, lw=0.8, alpha=0.6, zorder=2)
-                ax.scatter([x], [y99], s=size * 0.6, marker=marker, facecolors="none",
-                           edgecolors=color, zorder=3)
-            j = seen_x.get(round(x, 3), 0)
-            seen_x[round(x, 3)] = j + 1
-            xy, ha = offsets[j % len(offsets)]
-            ax.annotate(r["format"], (x, y), textcoords="offset points", xytext=xy, fontsize=8, ha=ha)
-        else:
-            ax.scatter([x], [floor], s=size, marker="v", color=color, zorder=3,
-                       label=f"{r['format']} ({x:.3g} b/v): KLD = 0")
-            ax.annotate(f"{r['format']}: KLD = 0\n(drawn at floor {floor:.0e})", (x, floor),
-                        textcoords="offset points", xytext=(-10, 10), fontsize=8, ha="right")
-    ax.axhline(floor, color="grey", lw=0.6, ls=":", zorder=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per value (K and V together; block scales and side state included)")
-    ax.set_ylabel(f"KL divergence vs {s['reference']} cache (nats, log scale)")
-    ax.set_title(f"{Path(s['model']).name}: ctx {s['ctx']}, {s['chunks']} chunks x "
-                 f"{s['scored_per_chunk']} tokens\nfilled = mean KLD, hollow = 99th percentile",
-                 fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    if recs:
-        ax.legend(fontsize=8, loc="best")
-    else:
-        ax.text(0.5, 0.5, "no finished chunks", transform=ax.transAxes, ha="center", va="center")
-    return report_io.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -480,6 +442,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="write every number as JSON to FILE")
     parser.add_argument("--plot", dest="plot_out", default=None, metavar="FILE.png",
                         help="write a KLD-vs-bits plot (PNG) to FILE")
+    parser.add_argument("--resume", action="store_true",
+                        help="carry on an interrupted run: skip the passes recorded in the journal beside "
+                             "--json FILE (FILE.passes.jsonl; written as the run goes)")
+    parser.add_argument("--ngl", type=int, default=0, metavar="N",
+                        help="layers to offload to the GPU (default 0; -1 = all)")
+    parser.add_argument("--tmp-dir", default=None, metavar="DIR",
+                        help="where the f16 reference of the current chunk is kept (ctx/2 x vocabulary "
+                             "x 4 bytes; default: the system's temporary directory)")
     parser.add_argument("--rerun-reference", action="store_true",
                         help="run an 'f16' entry in its own context instead of reusing the reference "
                              "(shows that a run is deterministic: its KLD must be 0)")
@@ -497,12 +467,16 @@ def run_cli(args: argparse.Namespace) -> int:
         model=args.model, text=args.text, formats=args.formats, ctx=args.ctx, chunks=args.chunks,
         n_threads=args.threads, progress=not args.no_progress,
         rerun_reference=args.rerun_reference, verbose=bool(getattr(args, "verbose", False)),
-        squat=squat_options.from_args(args),
+        squat=squat_options.from_args(args), n_gpu_layers=args.ngl, json_out=args.json_out,
+        resume=args.resume, tmp_dir=args.tmp_dir,
     )
-    report_io.emit(result, format_table(result), args.json_out, args.plot_out, plot, "pyllm-kv eval")
+    # evaluate() wrote the JSON (after every pass, and the final report)
+    report_io.emit(result, format_table(result), None, args.plot_out, plot, "pyllm-kv eval")
+    if args.json_out:
+        print(f"wrote {args.json_out} (journal of passes: {result['settings']['journal']})", file=sys.stderr)
     if result["interrupted"]:
         print(f"interrupted: results cover the {result['settings']['chunks']} chunk(s) finished "
-              "for every format", file=sys.stderr)
+              "for every format" + ("; --resume carries on" if args.json_out else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -27,11 +27,18 @@ __all__ = [
     "Reference",
     "ChunkStats",
     "compare",
+    "block_stats",
+    "rows_per_block",
     "Accumulator",
 ]
 
 # Rows processed at once: bounds float64 temporaries to ~ROWS * n_vocab * 8 bytes each.
 _ROWS = 64
+# For block_stats: at most this many float64 values per temporary (16 MiB), so a
+# 262k vocabulary gets 8-row blocks and a 49k one 42-row blocks.
+_BLOCK_VALUES = 1 << 21
+#: float64 temporaries of the size of one block alive at once in block_stats (upper bound).
+BLOCK_TEMPORARIES = 8
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -83,6 +90,54 @@ class ChunkStats:
     nll_ref: np.ndarray  # (n,) -log P(next token)
     same_top: np.ndarray  # (n,) bool
     dp: np.ndarray  # (n,) Q(next) - P(next)
+
+    FIELDS = ("kld", "nll", "nll_ref", "same_top", "dp")
+
+    @classmethod
+    def concat(cls, parts: List["ChunkStats"]) -> "ChunkStats":
+        """The positions of ``parts``, in order, as one record."""
+        if not parts:
+            return cls(*(np.empty(0, dtype=bool if f == "same_top" else np.float64) for f in cls.FIELDS))
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.FIELDS))
+
+    def __len__(self) -> int:
+        return int(self.kld.shape[0])
+
+
+def rows_per_block(n_vocab: int) -> int:
+    """Rows :func:`block_stats` should get at once to keep its temporaries small."""
+    return max(1, min(_ROWS, _BLOCK_VALUES // max(1, int(n_vocab))))
+
+
+def block_stats(ref_logits: np.ndarray, logits: Optional[np.ndarray], targets: np.ndarray) -> ChunkStats:
+    """Statistics of a few positions straight from float32 logits (rows x n_vocab).
+
+    The same numbers as ``compare(Reference.from_logits(ref_logits, targets), logits)``
+    (row by row the same operations), without keeping a whole chunk of float64
+    log-probabilities: ``pyllm-kv eval`` feeds it blocks of :func:`rows_per_block`
+    rows. ``logits=None`` compares the reference with itself (KLD exactly 0).
+    """
+    ref_logits = np.asarray(ref_logits)
+    targets = np.asarray(targets, dtype=np.int64)
+    if ref_logits.ndim != 2 or ref_logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"logits {ref_logits.shape} and targets {targets.shape} do not match")
+    rows = np.arange(targets.shape[0])
+    logp = log_softmax(ref_logits)
+    nll_ref = -logp[rows, targets]
+    top_ref = np.argmax(ref_logits, axis=1)
+    if logits is None:
+        kld = _kld_rows(logp, np.exp(logp), logp)
+        nll, same_top = nll_ref.copy(), np.ones(targets.shape[0], dtype=bool)
+    else:
+        logits = np.asarray(logits)
+        if logits.shape != ref_logits.shape:
+            raise ValueError(f"candidate logits {logits.shape} vs reference {ref_logits.shape}")
+        logq = log_softmax(logits)
+        kld = _kld_rows(logp, np.exp(logp), logq)
+        nll = -logq[rows, targets]
+        same_top = np.argmax(logits, axis=1) == top_ref
+    dp = np.exp(-nll) - np.exp(-nll_ref)
+    return ChunkStats(kld=kld, nll=nll, nll_ref=nll_ref, same_top=same_top, dp=dp)
 
 
 def compare(ref: Reference, logits: np.ndarray) -> ChunkStats:

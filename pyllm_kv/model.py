@@ -14,18 +14,19 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
-from . import _libs, checks, formats, squat_options
+from . import _libs, checks, formats, llama_log, rpc, squat_options
 from .errors import (
     ContextOverflow,
     DefaultModelMissing,
     FlashAttentionRequired,
     FormatNotAvailable,
+    InvalidParameter,
     InvalidPrompt,
     LlamaError,
     PyllmKvError,
 )
 from .squat_options import SquatOptions
-from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, read_model_info, side_state_bytes
+from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, kv_cost, read_model_info
 
 if TYPE_CHECKING:
     import numpy
@@ -94,30 +95,6 @@ def _ggml_id(fmt: formats.Format) -> int:
         ) from None
 
 
-# Set to 1 to let pyllm_kv.load offload layers on a CUDA build anyway (see below).
-GPU_PYTHON_ENV = "PYLLM_KV_ALLOW_GPU_PYTHON"
-
-
-def _check_gpu_python(n_gpu_layers: int) -> None:
-    """Layers on the GPU through this function: on the CUDA build (H200,
-    2026-12-03) load() with n_gpu_layers > 0 crashed the process (SIGSEGV inside
-    llama_model_load_from_file) for every cache format, f16 included, while
-    llama-cpp-python's own Llama(..., n_gpu_layers=99) on the same libraries and the
-    bundled tools ran fine (bench/results/gpu-h200/py_gpu_check.txt). The cause is
-    not found yet; a segfault takes the caller's process down with it, so refuse up
-    front and name what works; the environment variable lets someone try it."""
-    if n_gpu_layers == 0 or os.environ.get(GPU_PYTHON_ENV) == "1":
-        return
-    if (_libs.lib_dir() / "libggml-cuda.so").is_file():
-        raise LlamaError(
-            "n_gpu_layers > 0 is refused by pyllm_kv.load on this CUDA build: it crashed the process "
-            "while loading the model with layers on the GPU (every cache format, f16 included; not "
-            "diagnosed yet). Run GPU work with the bundled tools (pyllm-kv bench --gpu; "
-            f"llama-completion, llama-perplexity in {_libs.bin_dir()}), use n_gpu_layers=0 (--ngl 0), "
-            f"or set {GPU_PYTHON_ENV}=1 to try anyway."
-        )
-
-
 _OVERFLOW_RE = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 
 
@@ -139,6 +116,15 @@ class Model:
         # SQuat K or V: the settings its context was created with (rank, lam,
         # normalize, transform), else None. Session state files record them.
         self.squat_settings: Optional[Dict[str, Any]] = None
+        # the side-state settings its context was created with (any format of ours)
+        self.side_settings: Optional[Dict[str, Any]] = None
+        # (cells, layers) of every KV cache llama.cpp allocated (its log; an
+        # iSWA model has two); empty if unknown, then kv_layout's rule is used.
+        self.kv_caches: List[tuple] = []
+        # the ggml-rpc-server endpoints holding offloaded layers (load(rpc_servers=))
+        self.rpc_servers: List[str] = []
+        # (buffer, MiB) of every KV buffer as llama.cpp logged it: which device holds K/V
+        self.kv_buffers: List[tuple] = []
 
     # ---- basics -----------------------------------------------------------------
 
@@ -313,14 +299,17 @@ class Model:
     def kv_report(self) -> Dict[str, Any]:
         """What the KV cache of this context costs, counted honestly.
 
-        ``kv_bytes_per_token`` includes per-layer side state spread over ``n_ctx``;
-        ``kv_bytes_total`` is what the cache of ``n_ctx`` tokens takes.
+        Counts what llama.cpp allocated: every cache (an iSWA model's sliding
+        layers hold the window, not n_ctx, unless swa_full), block scales and
+        the side state. ``kv_bytes_total`` is that total; ``kv_bytes_per_token``
+        is it over ``n_ctx``; ``bits_per_value`` is it over the K and V values
+        the caches hold when full.
         """
         n_ctx = self.n_ctx
         info, fk, fv = self.info, self.cache_k, self.cache_v
-        side = side_state_bytes(info, fk, fv, (self.squat_settings or {}).get("transform", "hadamard"))
-        per_token = kv_bytes_per_token(info, fk, fv) + side / n_ctx
-        f16_per_token = kv_bytes_per_token(info, "f16", "f16")
+        st = self.side_settings or {}
+        cost = kv_cost(info, fk, fv, n_ctx, self.kv_caches or None, st.get("transform", "hadamard"),
+                       st.get("center", "auto"))
         return {
             "model": Path(info.path).name,
             "cache_k": fk.name,
@@ -332,10 +321,7 @@ class Model:
             "n_head_kv": info.n_head_kv,
             "head_dim": info.head_dim_k,
             "head_dim_v": info.head_dim_v,
-            "side_state_bytes": side,
-            "kv_bytes_per_token": per_token,
-            "kv_bytes_total": per_token * n_ctx,
-            "ratio_vs_f16": f16_per_token / per_token,
+            **cost,
             "flash_attn": self.flash_attn,
         }
 
@@ -392,6 +378,9 @@ def load(
     seed: int = 0,
     verbose: bool = False,
     squat: Optional[SquatOptions] = None,
+    swa_full: bool = True,
+    rpc_servers: "str | Sequence[str] | None" = None,
+    tensor_split: Optional[Sequence[float]] = None,
 ) -> Model:
     """Load a GGUF model with a KV cache of the given formats.
 
@@ -399,6 +388,16 @@ def load(
     ``cache_k``/``cache_v`` take names from ``pyllm_kv.formats`` (``pyllm-kv formats``).
     ``squat``: settings of the squat* key encoder (rank, lambda, ...), see
     :class:`pyllm_kv.SquatOptions`; ignored by other formats.
+    ``swa_full``: sliding-window (iSWA) models only: False keeps just the window
+    (plus a batch) for the sliding layers, as llama.cpp's own tools do; True
+    (llama-cpp-python's default) gives them the full context. kv_report counts
+    what was allocated either way.
+    ``rpc_servers``: ``"host:port,..."`` or a list of them, each a ``ggml-rpc-server``
+    of this pyllm-kv build (docs/rpc.md); the last ``n_gpu_layers`` layers, with
+    their KV cache, go to these servers (and local GPUs), split by
+    ``tensor_split`` (one weight per device, servers first; default: by free
+    memory). A server that is unreachable or has another ggml type table raises
+    RpcServerRefused.
     Everything that can be checked without llama.cpp is checked first.
     """
     if squat is not None and not isinstance(squat, SquatOptions):
@@ -406,22 +405,29 @@ def load(
     if model is not None:
         checks.model_path(model)
     checks.load_params(n_ctx, n_batch, n_threads, n_gpu_layers, seed, flash_attn)
+    servers = rpc.parse_servers(rpc_servers)
+    if servers and n_gpu_layers == 0:
+        raise InvalidParameter(
+            "rpc_servers given but n_gpu_layers=0: no layer would go to the servers. Pass the number of "
+            "layers to offload (n_gpu_layers, --ngl; -1 for all), the last ones go to the servers.")
+    if tensor_split is not None:
+        tensor_split = checks.tensor_split(tensor_split)
     path = default_model_path() if model is None else Path(model).expanduser()
     info = read_model_info(path)  # ModelNotFound / InvalidModelFile
     fk, fv = validate_config(info, cache_k, cache_v, flash_attn)
     type_k, type_v = _ggml_id(fk), _ggml_id(fv)
-    _check_gpu_python(n_gpu_layers)
     if n_gpu_layers == 0:
         ctx = n_ctx or info.n_ctx_train
         checks.kv_fits_in_memory(kv_bytes_per_token(info, fk, fv) * ctx, ctx, f"K={fk.name} V={fv.name}")
 
     llama_cpp = _libs.llama_cpp()
-    squat_settings = None
-    if "squat" in (fk.side_state_kind, fv.side_state_kind):
+    side_settings = None
+    if fk.is_ours or fv.is_ours:
         with squat_options.applied(squat):
-            squat_settings = squat_options.from_environment()
+            side_settings = squat_options.from_environment()
+    squat_settings = side_settings if "squat" in (fk.side_state_kind, fv.side_state_kind) else None
     try:
-        with squat_options.applied(squat):
+        with squat_options.applied(squat), llama_log.captured() as log, rpc.model_devices(servers):
             llama = llama_cpp.Llama(
                 str(path),
                 type_k=type_k,
@@ -429,6 +435,7 @@ def load(
                 flash_attn=flash_attn,
                 n_ctx=n_ctx,
                 n_gpu_layers=n_gpu_layers,
+                tensor_split=None if tensor_split is None else list(tensor_split),
                 n_batch=n_batch,
                 n_threads=n_threads,
                 # Prompt batches too: llama-cpp-python would otherwise use every core for them,
@@ -436,12 +443,14 @@ def load(
                 n_threads_batch=n_threads,
                 seed=seed,
                 verbose=verbose,
+                swa_full=bool(swa_full),
             )
     except ValueError as exc:  # "Failed to load model from file", "Failed to create llama_context"
+        why = log.failure()
         raise LlamaError(
             f"llama.cpp could not load {path} with cache K={fk.name} V={fv.name} "
-            f"(flash_attn={flash_attn}, n_ctx={n_ctx}, n_gpu_layers={n_gpu_layers}): {exc}. "
-            "Run again with verbose=True (--verbose) to see llama.cpp's log."
+            f"(flash_attn={flash_attn}, n_ctx={n_ctx}, n_gpu_layers={n_gpu_layers}): {exc}"
+            + (f": {why}" if why else "") + ". Run again with verbose=True (--verbose) to see llama.cpp's log."
         ) from exc
     # llama.cpp rounds n_ctx up to a multiple of 256, but llama-cpp-python sizes its
     # record of evaluated tokens by the requested n_ctx, and numpy silently drops the
@@ -452,4 +461,8 @@ def load(
         llama.input_ids.resize(llama.n_ctx(), refcheck=False)
     model = Model(llama, info, fk, fv, flash_attn, seed)
     model.squat_settings = squat_settings
+    model.side_settings = side_settings
+    model.kv_caches = log.kv_caches()
+    model.rpc_servers = servers
+    model.kv_buffers = log.kv_buffers()
     return model

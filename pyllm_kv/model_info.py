@@ -11,7 +11,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, Tuple, Union
 
 from . import formats
 from .errors import InvalidModelFile, ModelNotFound, UnsupportedHeadDim
@@ -34,6 +34,11 @@ class ModelInfo:
     has_chat_template: bool
     # KV heads of every layer; differs per layer in a few architectures (OpenELM...).
     n_head_kv_per_layer: List[int] = field(default_factory=list)
+    # Sliding-window attention (iSWA: Gemma 2/3, Cohere2, gpt-oss, ...): the window
+    # in tokens (0: none) and which layers slide (None: no SWA, or a layout this
+    # module does not know; then every layer is counted as full).
+    n_swa: int = 0
+    swa_layers: Optional[Tuple[bool, ...]] = None
 
     @property
     def head_dim(self) -> int:
@@ -42,6 +47,25 @@ class ModelInfo:
 
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+# Which layers of an iSWA model slide, when the GGUF has no
+# `<arch>.attention.sliding_window_pattern`: the defaults the pinned llama.cpp's
+# loaders pass to load_swa_pattern (src/models/<arch>.cpp). (n_pattern,
+# dense_first): layer il slides unless il % n == n-1 (dense_first: il % n == 0).
+_SWA_DEFAULT_PATTERN = {
+    "gemma2": (2, False), "gemma3": (6, False), "gemma-embedding": (6, False), "gemma3n": (5, False),
+    "cohere2": (4, False), "openai-moe": (2, False), "exaone4": (4, False), "exaone-moe": (4, False),
+    "olmo2": (4, False), "llama4": (4, False), "afmoe": (4, False), "plamo3": (8, False),
+    "cohere2moe": (4, True), "smallthinker": (4, True), "laguna": (4, True),
+}
+
+
+def _swa_layers(n_layer: int, n_pattern: int, dense_first: bool) -> Tuple[bool, ...]:
+    if n_pattern == 0:
+        return (True,) * n_layer
+    if dense_first:
+        return tuple(il % n_pattern != 0 for il in range(n_layer))
+    return tuple(il % n_pattern < n_pattern - 1 for il in range(n_layer))
 
 
 def _check_file(path: Path) -> None:
@@ -129,6 +153,16 @@ def _read_model_info(path_str: str, size: int, mtime_ns: int) -> ModelInfo:
         if vocab is None:
             tokens = reader.fields.get("tokenizer.ggml.tokens")
             vocab = len(tokens.data) if tokens is not None else 0
+        n_swa = int(_field(reader, f"{arch}.attention.sliding_window", 0) or 0)
+        swa_layers = None
+        if n_swa > 0:
+            pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
+            if isinstance(pattern, list):
+                swa_layers = tuple(bool(x) for x in pattern[:n_layer])
+            elif pattern is not None:
+                swa_layers = _swa_layers(n_layer, int(pattern), False)
+            elif arch in _SWA_DEFAULT_PATTERN:
+                swa_layers = _swa_layers(n_layer, *_SWA_DEFAULT_PATTERN[arch])
         template = _field(reader, "tokenizer.chat_template")
         name = _field(reader, "general.name", "") or path.stem
     except (TypeError, ValueError, KeyError, ZeroDivisionError) as exc:
@@ -147,6 +181,8 @@ def _read_model_info(path_str: str, size: int, mtime_ns: int) -> ModelInfo:
         n_vocab=int(vocab),
         has_chat_template=bool(template),
         n_head_kv_per_layer=heads_kv,
+        n_swa=n_swa,
+        swa_layers=swa_layers,
     )
 
 
@@ -162,11 +198,12 @@ def _kv_values_per_token(info: ModelInfo) -> "tuple[int, int]":
 
 
 def side_state_bytes(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str | formats.Format",
-                     squat_transform: str = "hadamard") -> int:
+                     squat_transform: str = "hadamard", center: str = "auto") -> int:
     """Per-sequence side state (transforms etc.) of the whole model: O(layers), not O(tokens).
 
     ``squat_transform="deco"`` (SQuat on the DecoQuant transform) adds DecoQuant's
-    matrices for every squat K or V."""
+    matrices for every squat K or V. ``center``: the centering setting
+    (squat_options.CENTERS): a float32 center row per layer for each centred side."""
     k, v = formats.resolve(fmt_k), formats.resolve(fmt_v)
     total = info.n_layer * (k.side_state_bytes + v.side_state_bytes)
     if squat_transform == "deco":
@@ -174,7 +211,50 @@ def side_state_bytes(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str
     if k.side_state_kind == "squat":  # K only: SQuat as V is the plain format
         d = info.head_dim_k  # packed upper triangle of U, fp16 (pkv_squat_pack)
         total += _kv_heads(info) * (d * (d + 1) // 2) * 2
+    center_k = k.is_ours and (center in ("k", "kv") or (center == "auto" and k.side_state_kind == "squat"))
+    center_v = v.is_ours and center in ("v", "kv")
+    total += 4 * _kv_heads(info) * (info.head_dim_k * center_k + info.head_dim_v * center_v)
     return total
+
+
+def kv_layout(info: ModelInfo, n_ctx: int, n_seq: int = 1, n_ubatch: int = 512,
+              swa_full: bool = True) -> List[Tuple[int, int]]:
+    """(cells, layers) of every KV cache llama.cpp allocates for a context of
+    n_ctx cells: one cache, or for an iSWA model the full layers' (n_ctx cells)
+    and the sliding layers' (the window plus a ubatch, rounded up to 256 cells,
+    unless swa_full; llama_kv_cache_iswa's rule)."""
+    if not info.n_swa or info.swa_layers is None or not any(info.swa_layers):
+        return [(n_ctx, info.n_layer)]
+    n_sliding = sum(info.swa_layers)
+    size_swa = n_ctx
+    if not swa_full:
+        size_swa = min(n_ctx, -(-(info.n_swa * n_seq + n_ubatch) // 256) * 256)
+    out = [(n_ctx, info.n_layer - n_sliding)] if n_sliding < info.n_layer else []
+    return out + [(size_swa, n_sliding)]
+
+
+def kv_cost(info: ModelInfo, fmt_k: "str | formats.Format", fmt_v: "str | formats.Format", n_ctx: int,
+            caches: "Optional[List[Tuple[int, int]]]" = None, squat_transform: str = "hadamard",
+            center: str = "auto") -> dict:
+    """What a KV cache of n_ctx cells costs, counted honestly: every cache llama.cpp
+    allocates (``caches``: (cells, layers) each, default :func:`kv_layout`; an iSWA
+    model's sliding layers hold the window unless swa_full), block scales, and the
+    side state. ``kv_bytes_total`` is that total, ``kv_bytes_per_token`` it over
+    n_ctx, ``bits_per_value`` it over the K and V values the caches hold when full."""
+    k, v = formats.resolve(fmt_k), formats.resolve(fmt_v)
+    side = side_state_bytes(info, k, v, squat_transform, center)
+    caches = caches or kv_layout(info, n_ctx)
+    cell_layers = sum(c * n for c, n in caches)
+    n_k, n_v = info.n_head_kv * info.head_dim_k, info.n_head_kv * info.head_dim_v
+    total = cell_layers * (k.row_bytes(n_k) + v.row_bytes(n_v)) + side
+    return {
+        "kv_caches": [{"cells": c, "layers": n} for c, n in caches],
+        "side_state_bytes": side,
+        "kv_bytes_total": total,
+        "kv_bytes_per_token": total / n_ctx,
+        "bits_per_value": 8.0 * total / (cell_layers * (n_k + n_v)),
+        "ratio_vs_f16": cell_layers * 2 * (n_k + n_v) / total,
+    }
 
 
 def kv_bytes_per_token(

@@ -46,6 +46,11 @@ void pkv_squat_pack(const float * U, int d, uint16_t * Up);
 void pkv_squat_unpack(const uint16_t * Up, int d, float * U);
 void pkv_squat_quantize_rows(int bits, const float * k, int64_t n_rows, int n_heads,
                              const float * U_per_head, int d, void * out);
+int pkv_squat_set_rows_head_dim(int64_t n_embd, int64_t n_head, int64_t u_len);
+size_t pkv_squat_set_rows_work(int d, int n_head);
+int pkv_squat_set_rows(int bits, int d, int n_head, const void * k, size_t k_stride, int64_t n_rows,
+                       const void * idx, int idx_i64, size_t idx_stride, const void * U, size_t u_stride,
+                       void * out, size_t out_stride, int64_t n_cells, int ith, int nth, float * work);
 """
 
 BLOCK = 64          # values per block (PKV_BLOCK)

@@ -5,6 +5,7 @@ on stderr. One place, so both commands behave alike."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
@@ -21,11 +22,21 @@ def _json_default(o: Any) -> Any:
 
 
 def write_json(result: Dict[str, Any], path: PathLike) -> Path:
-    """``result`` as indented JSON at ``path`` (parent folders created; NaN refused)."""
+    """``result`` as indented JSON at ``path`` (parent folders created; NaN refused).
+
+    Written to a temporary file beside it and renamed over it, so a run killed
+    while writing leaves the previous version, never half a file."""
     p = Path(path)
     if p.parent and not p.parent.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(result, indent=2, allow_nan=False, default=_json_default) + "\n")
+    text = json.dumps(result, indent=2, allow_nan=False, default=_json_default) + "\n"
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return p
 
 

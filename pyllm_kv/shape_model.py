@@ -7,7 +7,8 @@ downloading one. :func:`write_shape_model` writes such a file for the llama
 architecture with gguf-py; :func:`ensure_shape_model` keeps generated files in
 a cache directory so ``pyllm-kv bench --shape llama8b`` writes one only once.
 
-The file is a normal llama.cpp model: llama architecture metadata, a minimal
+The file is a normal llama.cpp model: llama architecture metadata (or gemma3's,
+with its sliding-window attention, for the iSWA test model), a minimal
 SentencePiece-style ("llama") vocabulary of ``n_vocab`` tokens (``<unk>``,
 ``<s>``, ``</s>``, the 256 byte tokens when there is room, then filler tokens),
 F32 norm weights of 1, and every matrix in the chosen weight type.
@@ -66,7 +67,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 # Bumped when the generator writes different bytes for the same arguments, so
 # cached files from an older generator are not reused.
 GENERATOR_VERSION = 1
-ARCH = "llama"
+# Architectures written here: llama, and gemma3 (sliding-window layers + full
+# layers: llama.cpp's iSWA cache; extra per-head q/k norms and post norms).
+ARCHS = ("llama", "gemma3")
 # Bytes written per step. A multiple of every block size used here (2, 18, 34)
 # keeps chunks block-aligned.
 _CHUNK = 18 * 34 * 2 * 2048 * 4  # ~9.6 MB
@@ -78,7 +81,7 @@ class ShapeModelError(PyllmKvError, ValueError):
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """Architecture numbers of a llama-architecture model."""
+    """Architecture numbers of a llama-architecture (or gemma3) model."""
 
     n_layer: int
     n_embd: int
@@ -91,6 +94,10 @@ class ShapeSpec:
     rope_freq_base: float = 500000.0
     rms_eps: float = 1e-5
     name: str = "shape-model"
+    arch: str = "llama"
+    # gemma3 only: sliding window (tokens) and every swa_pattern-th layer full
+    n_swa: int = 0
+    swa_pattern: int = 0
 
     @property
     def n_embd_q(self) -> int:
@@ -112,6 +119,20 @@ PRESETS: Dict[str, ShapeSpec] = {
     # Small enough for a unit test on 2 cores (well under 1 MiB in Q4_0).
     "tiny": ShapeSpec(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64,
                       n_ff=512, n_vocab=512, n_ctx_train=4096, rope_freq_base=10000.0, name="tiny-shape"),
+    # Shapes of the other model families we report (speed depends on the shape,
+    # so these are llama-architecture files): Gemma-3-1B (head_dim 256, one KV
+    # head, GQA 4, vocab 262k) and Qwen2.5-0.5B (head_dim 64, GQA 7, vocab 152k).
+    "gemma3-1b": ShapeSpec(n_layer=26, n_embd=1152, n_head=4, n_head_kv=1, head_dim=256, n_ff=6912,
+                           n_vocab=262144, n_ctx_train=32768, rope_freq_base=1000000.0, rms_eps=1e-6,
+                           name="gemma3-1b-shape"),
+    "qwen2.5-0.5b": ShapeSpec(n_layer=24, n_embd=896, n_head=14, n_head_kv=2, head_dim=64, n_ff=4864,
+                              n_vocab=151936, n_ctx_train=32768, rope_freq_base=1000000.0, rms_eps=1e-6,
+                              name="qwen2.5-0.5b-shape"),
+    # A tiny gemma3 (iSWA: layers 0 and 2 slide over a 32-token window, 1 and 3
+    # see everything) with Gemma-3's head layout, for the side-state tests.
+    "tiny-gemma3": ShapeSpec(n_layer=4, n_embd=256, n_head=4, n_head_kv=1, head_dim=256, n_ff=512,
+                             n_vocab=512, n_ctx_train=4096, rope_freq_base=10000.0, rms_eps=1e-6,
+                             name="tiny-gemma3-shape", arch="gemma3", n_swa=32, swa_pattern=2),
 }
 
 #: weight type -> (ggml values per block, bytes per block, gguf file type)
@@ -135,7 +156,8 @@ def resolve_spec(preset: Optional[str] = "llama8b", **overrides: Optional[int]) 
     ``None`` are ignored (argparse defaults).
     """
     given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(given) - set(_SPEC_FIELDS) - {"rope_freq_base", "rms_eps", "name"})
+    unknown = sorted(set(given) - set(_SPEC_FIELDS) - {"rope_freq_base", "rms_eps", "name", "arch", "n_swa",
+                                                       "swa_pattern"})
     if unknown:
         raise ShapeModelError(f"unknown shape field(s): {', '.join(unknown)}; known: {', '.join(_SPEC_FIELDS)}")
     if preset is None:
@@ -164,6 +186,10 @@ def check_spec(spec: ShapeSpec, weight_type: str = DEFAULT_WEIGHT_TYPE) -> None:
         raise ShapeModelError(f"n_head ({spec.n_head}) must be a multiple of n_head_kv ({spec.n_head_kv})")
     if spec.head_dim % 2:
         raise ShapeModelError(f"head_dim must be even (RoPE rotates pairs), got {spec.head_dim}")
+    if spec.arch not in ARCHS:
+        raise ShapeModelError(f"unknown architecture {spec.arch!r}; known: {', '.join(ARCHS)}")
+    if spec.arch == "gemma3" and (spec.n_swa < 1 or spec.swa_pattern < 2):
+        raise ShapeModelError("gemma3 needs a sliding window (n_swa >= 1) and swa_pattern >= 2")
     if spec.n_vocab < 3:
         raise ShapeModelError(f"n_vocab must be at least 3 (<unk>, <s>, </s>), got {spec.n_vocab}")
     wt = _weight_type(weight_type)
@@ -196,8 +222,9 @@ class _Tensor:
 
 
 def tensor_plan(spec: ShapeSpec) -> List[_Tensor]:
-    """Every tensor of a llama-architecture model, in file order (ggml ne order)."""
-    e, q, kv, ff = spec.n_embd, spec.n_embd_q, spec.n_embd_kv, spec.n_ff
+    """Every tensor of the model, in file order (ggml ne order)."""
+    e, q, kv, ff, d = spec.n_embd, spec.n_embd_q, spec.n_embd_kv, spec.n_ff, spec.head_dim
+    gemma = spec.arch == "gemma3"
     out = [_Tensor("token_embd.weight", (e, spec.n_vocab), True)]
     for i in range(spec.n_layer):
         p = f"blk.{i}."
@@ -207,11 +234,18 @@ def tensor_plan(spec: ShapeSpec) -> List[_Tensor]:
             _Tensor(p + "attn_k.weight", (e, kv), True),
             _Tensor(p + "attn_v.weight", (e, kv), True),
             _Tensor(p + "attn_output.weight", (q, e), True),
+        ]
+        if gemma:
+            out += [_Tensor(p + "attn_q_norm.weight", (d,), False), _Tensor(p + "attn_k_norm.weight", (d,), False),
+                    _Tensor(p + "post_attention_norm.weight", (e,), False)]
+        out += [
             _Tensor(p + "ffn_norm.weight", (e,), False),
             _Tensor(p + "ffn_gate.weight", (e, ff), True),
             _Tensor(p + "ffn_up.weight", (e, ff), True),
             _Tensor(p + "ffn_down.weight", (ff, e), True),
         ]
+        if gemma:
+            out += [_Tensor(p + "post_ffw_norm.weight", (e,), False)]
     out += [_Tensor("output_norm.weight", (e,), False), _Tensor("output.weight", (e, spec.n_vocab), True)]
     return out
 
@@ -315,7 +349,7 @@ def write_shape_model(
     seed: int = 0,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Path:
-    """Write a random-weight llama GGUF of shape ``spec`` to ``path``; returns the path.
+    """Write a random-weight GGUF of shape ``spec`` to ``path``; returns the path.
 
     The file appears atomically (written to ``path + '.part'``, then renamed).
     ``progress(bytes_done, bytes_total)`` is called after every chunk.
@@ -332,7 +366,7 @@ def write_shape_model(
     qtype = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0,
              "f16": gguf.GGMLQuantizationType.F16}[wt]
 
-    w = gguf.GGUFWriter(str(part), ARCH)
+    w = gguf.GGUFWriter(str(part), spec.arch)
     try:
         w.add_name(spec.name)
         w.add_description(f"random weights, shape only (pyllm_kv.shape_model v{GENERATOR_VERSION}, seed {seed})")
@@ -347,6 +381,9 @@ def write_shape_model(
         w.add_rope_dimension_count(spec.head_dim)
         w.add_rope_freq_base(float(spec.rope_freq_base))
         w.add_layer_norm_rms_eps(float(spec.rms_eps))
+        if spec.arch == "gemma3":
+            w.add_sliding_window(spec.n_swa)
+            w.add_uint32(f"{spec.arch}.attention.sliding_window_pattern", spec.swa_pattern)
         w.add_vocab_size(spec.n_vocab)
         w.add_file_type(WEIGHT_TYPES[wt][2])
         if wt != "f16":

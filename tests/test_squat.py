@@ -64,10 +64,15 @@ def test_squat4_answers_like_f16(load):
 def test_lambda_zero_is_plain_kv(load):
     """lambda = 0 makes the metric the identity: the encoder must then write exactly
     the plain kv bytes, so the logits equal kv3's bit for bit (proves the cache
-    path is the SQuat encoder's, and that nothing else differs)."""
-    a = load("squat3", "kv3", squat=SquatOptions(lam=0.0))
+    path is the SQuat encoder's, and that nothing else differs). Centering off:
+    by default squat* keys are centred, which plain kv3 keys are not; with it on,
+    squat3 at lambda 0 equals kv3 with centred keys."""
+    a = load("squat3", "kv3", squat=SquatOptions(lam=0.0, center="none"))
     b = load("kv3")
     np.testing.assert_array_equal(all_logits(a, a.tokenize(TEXT)), all_logits(b, b.tokenize(TEXT)))
+    c = load("squat3", "kv3", squat=SquatOptions(lam=0.0))
+    d = load("kv3", squat=SquatOptions(center="k"))
+    np.testing.assert_array_equal(all_logits(c, c.tokenize(TEXT)), all_logits(d, d.tokenize(TEXT)))
 
 
 def test_settings_change_the_result(load):
@@ -146,10 +151,10 @@ def test_state_file_names_other_settings(load, model_path, tmp_path):
     try:
         with pytest.raises(StateMismatch) as exc:
             other.load_state(path)
-        assert "SquatOptions(rank=20, lam=100.0, normalize=True, transform='hadamard')" in str(exc.value)
+        assert "SquatOptions(rank=20, lam=100.0, normalize=True, transform='hadamard', center='auto')" in str(exc.value)
     finally:
         other.close()
-    assert m.squat_settings == {"rank": 20, "lam": 100.0, "normalize": True, "transform": "hadamard"}
+    assert m.squat_settings == {"rank": 20, "lam": 100.0, "normalize": True, "transform": "hadamard", "center": "auto"}
 
 
 def test_k_shift_keeps_squat_cache_usable(load):
@@ -186,7 +191,8 @@ def test_squat_on_deco_transform(load, f16_logits):
     assert kld < 0.5, kld
     info = m.info
     d = info.head_dim_k
-    want = info.n_layer * info.n_head_kv * d * (d + 1) + 2 * info.n_layer * formats.DECO_SIDE_STATE_BYTES
+    want = (info.n_layer * info.n_head_kv * d * (d + 1) + 2 * info.n_layer * formats.DECO_SIDE_STATE_BYTES
+            + 4 * info.n_layer * info.n_head_kv * d)  # + the keys' center row (float32), centering "auto"
     assert m.kv_report()["side_state_bytes"] == want
     assert m.squat_settings["transform"] == "deco"
 
@@ -195,5 +201,6 @@ def test_side_state_is_reported(load):
     rep = load("squat4").kv_report()
     info = load("squat4").info
     d = info.head_dim_k
-    assert rep["side_state_bytes"] == info.n_layer * info.n_head_kv * d * (d + 1)  # fp16 upper triangles
+    # fp16 upper triangles of U, and the keys' float32 center row (centering "auto")
+    assert rep["side_state_bytes"] == info.n_layer * info.n_head_kv * (d * (d + 1) + 4 * d)
     assert formats.resolve("squat4").bits == formats.resolve("kv4").bits == 4.5

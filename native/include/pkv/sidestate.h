@@ -201,6 +201,30 @@ PKV_API void   pkv_squat_unpack(const uint16_t * Up, int d, float * U);
 PKV_API void pkv_squat_quantize_rows(int bits, const float * k, int64_t n_rows, int n_heads,
                                      const float * U_per_head, int d, void * out);
 
+/* SQuat keys as a ggml set_rows with src[3] = U (native/src/squat_set_rows.c):
+ * what ggml-cpu runs for a K cache it holds for another process (rpc-server).
+ *
+ * pkv_squat_set_rows_head_dim: the head size d when rows of n_embd values,
+ * n_head heads and packed factors of u_len values fit together (n_embd =
+ * n_head * d, u_len = d(d+1)/2) and d is one the encoder takes (a multiple of
+ * PKV_BLOCK, at most PKV_LINALG_MAX_N); else 0.
+ * pkv_squat_set_rows_work: floats of scratch one thread needs (dense U of
+ * every head).
+ * pkv_squat_set_rows: k holds n_rows rows of n_head*d floats, row t at
+ * k + t*k_stride bytes; idx the cache row of each (int32, or int64 when
+ * idx_i64), idx_stride bytes apart; U the packed fp16 factor of head h at
+ * U + h*u_stride bytes; out the cache, n_cells rows of out_stride bytes.
+ * Thread ith of nth encodes rows ith, ith+nth, ... with pkv_squat_quantize_row
+ * (the bytes of the host-cache store of native/llama/side_squat.cpp), using
+ * its own work. Returns 0; -1 on bad arguments or a row index of this thread
+ * outside [0, n_cells), and then writes nothing. */
+PKV_API int    pkv_squat_set_rows_head_dim(int64_t n_embd, int64_t n_head, int64_t u_len);
+PKV_API size_t pkv_squat_set_rows_work(int d, int n_head);
+PKV_API int    pkv_squat_set_rows(int bits, int d, int n_head, const void * k, size_t k_stride, int64_t n_rows,
+                                  const void * idx, int idx_i64, size_t idx_stride, const void * U,
+                                  size_t u_stride, void * out, size_t out_stride, int64_t n_cells,
+                                  int ith, int nth, float * work);
+
 #ifdef __cplusplus
 }
 #endif

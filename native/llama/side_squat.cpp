@@ -1,0 +1,273 @@
+// SQuat side state (squat4/squat3/squat2 keys; docs/squat.md): per layer and
+// KV head, the upper Cholesky factor U of A^-1, A = I + lambda Q^T Q, where Q
+// spans the subspace of the first ubatch's queries of that head's GQA group.
+// Keys are stored by the SQuat encoder (error pushed out of that subspace) as
+// plain kv blocks, so attention reads them like kv*: nothing to undo at read
+// time. The numerics are pkv_squat_prepare / pkv_squat_quantize_row
+// (native/src/squat.c); the CUDA encoder is native/cuda/pkv_codec.cu.
+
+#include "side_method.h"
+
+#include "ggml-backend.h"
+#include "pkv/codec.h"
+#include "pkv/ggml_hooks.h"
+#include "pkv/sidestate.h"
+
+#include <cstring>
+#include <vector>
+
+namespace pkv {
+namespace {
+
+class squat_slot final : public slot {
+public:
+    squat_slot(const side_settings & st, const layer_shape & sh)
+        : st(st), sh(sh), bits(PKV_GGML_BITS(sh.type)), n_head((int) sh.n_head_kv), d((int) sh.head_dim) {
+        set_identity();
+    }
+
+    void add_tensors(ggml_context * ctx) override {
+        dev = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, (int64_t) packed(), n_head);
+        ggml_format_name(dev, "pkv_squat_u_l%d", sh.il);
+    }
+
+    bool fitted() const override {
+        for (uint8_t f : head_fitted) {
+            if (!f) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    void reset() override { set_identity(); }
+
+    // The queries as attention will see them (after Hadamard or the deco
+    // transform): fit U from them once; every graph hands U to store_k.
+    void attn_in_k(ggml_context * ctx, ggml_tensor ** q, ggml_tensor ** k) override {
+        ggml_tensor * qc = as_f32_contiguous(ctx, *q);
+        if (qc->ne[0] != d || (*k)->ne[0] != d || (*k)->ne[1] != n_head || qc->ne[1] % n_head != 0) {
+            throw std::runtime_error("pyllm-kv: SQuat side state of layer " + std::to_string(sh.il) +
+                                     " does not match the layer's queries/keys (head size or KV heads)");
+        }
+        if (fitted()) {
+            graph_U = dev;
+        } else {
+            ggml_tensor * args[1] = { qc };
+            ggml_tensor * fit = ggml_custom_4d(ctx, GGML_TYPE_F16, (int64_t) packed(), n_head, 1, 1, args, 1,
+                                               fit_op, GGML_N_TASKS_MAX, this);
+            graph_U = ggml_cpy(ctx, fit, dev); // into the cache's tensor; the store reads the copy
+        }
+    }
+
+    ggml_tensor * store_k(ggml_context * ctx, ggml_tensor * k_cache, ggml_tensor * k_cur,
+                          ggml_tensor * k_idxs) override {
+        ggml_tensor * U = graph_U;
+        graph_U = nullptr;
+        if (!U) {
+            throw std::runtime_error("pyllm-kv: SQuat key store without its fit hook (layer " +
+                                     std::to_string(sh.il) + ")");
+        }
+        if (!PKV_GGML_IS_SQUAT(k_cache->type) || k_cache->ne[0] != (int64_t) n_head * d) {
+            throw std::runtime_error("pyllm-kv: SQuat K cache does not match its side state");
+        }
+        if (k_cur->type != GGML_TYPE_F32) {
+            k_cur = ggml_cast(ctx, k_cur, GGML_TYPE_F32);
+        }
+        const ggml_tensor * base = k_cache;
+        while (base->view_src) {
+            base = base->view_src;
+        }
+        if (!base->buffer || ggml_backend_buffer_is_host(base->buffer)) {
+            ggml_tensor * args[4] = { k_cur, k_idxs, k_cache, U };
+            return ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 4, store_op, GGML_N_TASKS_MAX, this);
+        }
+        // Cache in device memory: set_rows with U as an extra source, which the
+        // CUDA backend encodes with the SQuat encoder (patches/0009, native/cuda);
+        // a backend without it refuses the op (supports_op) instead of storing plain.
+        if (!PKV_SQUAT_GPU_HEAD_DIM_OK(d)) {
+            throw std::runtime_error("pyllm-kv: SQuat keys in GPU memory need head size 64, 128 or 256 (this model: " +
+                                     std::to_string(d) + "); keep the KV cache on the CPU (offload_kqv=False, "
+                                     "llama.cpp -nkvo)");
+        }
+        ggml_tensor * t = ggml_set_rows(ctx, k_cache, k_cur, k_idxs);
+        t->src[3] = U;
+        return t;
+    }
+
+    // state: u32 n_head, u32 d, u8 head_fitted[n_head] (padded to 4),
+    //        u16 U[n_head * d(d+1)/2] (packed fp16, pkv_squat_pack; padded to 4)
+    size_t state_size() const override {
+        return 2 * sizeof(uint32_t) + pad4(head_fitted.size()) + pad4(U.size() * sizeof(uint16_t));
+    }
+
+    void state_write(blob_writer & w) const override {
+        const uint32_t dims[2] = { (uint32_t) n_head, (uint32_t) d };
+        w.put(dims, sizeof(dims));
+        w.put(head_fitted.data(), head_fitted.size());
+        w.zeros(pad4(head_fitted.size()) - head_fitted.size());
+        w.put(U.data(), U.size() * sizeof(uint16_t));
+        w.zeros(pad4(U.size() * sizeof(uint16_t)) - U.size() * sizeof(uint16_t));
+    }
+
+    const char * state_read(blob_reader & r, bool replace, bool commit) override {
+        uint32_t dims[2];
+        if (!r.get(dims, sizeof(dims))) {
+            return "pyllm-kv: side state in the state is truncated";
+        }
+        if (dims[0] != (uint32_t) n_head || dims[1] != (uint32_t) d) {
+            return "pyllm-kv: SQuat side state in the state is for another head layout (different model?)";
+        }
+        const uint8_t * hf = r.take(pad4(head_fitted.size()));
+        const uint8_t * u  = r.take(pad4(U.size() * sizeof(uint16_t)));
+        if (!hf || !u) {
+            return "pyllm-kv: side state in the state is truncated";
+        }
+        for (int h = 0; h < n_head; ++h) {
+            if (hf[h] > 1) {
+                return "pyllm-kv: SQuat side state in the state is corrupt (bad head flag)";
+            }
+        }
+        for (size_t j = 0; j < U.size(); ++j) {
+            uint16_t x;
+            memcpy(&x, u + j * sizeof(x), sizeof(x));
+            if ((x & 0x7c00) == 0x7c00) { // Inf or NaN
+                return "pyllm-kv: SQuat side state in the state is corrupt (non-finite matrix)";
+            }
+        }
+        const size_t pl = packed();
+        if (!replace) {
+            for (int h = 0; h < n_head; ++h) {
+                if (hf[h] && head_fitted[h] &&
+                    memcmp(U.data() + h * pl, u + h * pl * sizeof(uint16_t), pl * sizeof(uint16_t)) != 0) {
+                    return "pyllm-kv: this sequence's saved SQuat side state differs from the one the context "
+                           "already uses; restore it into a context without other sequences";
+                }
+            }
+        }
+        if (commit) {
+            for (int h = 0; h < n_head; ++h) {
+                if (replace || (hf[h] && !head_fitted[h])) {
+                    memcpy(U.data() + h * pl, u + h * pl * sizeof(uint16_t), pl * sizeof(uint16_t));
+                    head_fitted[h] = hf[h];
+                }
+            }
+            upload(dev, U.data(), U.size() * sizeof(uint16_t));
+        }
+        return nullptr;
+    }
+
+private:
+    const side_settings & st;
+    const layer_shape sh;
+    const int bits, n_head, d;
+    std::vector<uint16_t> U;          // host copy: n_head * packed(), identity until fitted
+    std::vector<uint8_t> head_fitted; // per head: the fit op runs its heads on several threads
+    ggml_tensor * dev = nullptr;      // U in the cache's buffer [packed, n_head] f16
+    ggml_tensor * graph_U = nullptr;  // this graph's U, attn_in_k -> store_k
+
+    size_t packed() const { return pkv_squat_packed_len(d); }
+
+    // Every head back to U = I (plain encoding) and unfitted. Packed row j
+    // starts with its diagonal entry (pkv_squat_pack's layout).
+    void set_identity() {
+        const uint16_t one = pkv_fp32_to_fp16(1.0f);
+        U.assign((size_t) n_head * packed(), 0);
+        for (int h = 0; h < n_head; ++h) {
+            uint16_t * u = U.data() + (size_t) h * packed();
+            size_t row = 0;
+            for (int j = 0; j < d; ++j) {
+                u[row] = one;
+                row += (size_t) (d - j);
+            }
+        }
+        head_fitted.assign((size_t) n_head, 0);
+    }
+
+    // CPU, threads split the heads: fit each unfitted head from the rows of its
+    // GQA group's queries (src[0], f32 [d, n_head_q, tokens]); output U of every
+    // head (packed fp16, [packed, n_head]).
+    static void fit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+        auto * self = static_cast<squat_slot *>(userdata);
+        const ggml_tensor * q = dst->src[0];
+        const int     d      = self->d;
+        const int64_t n_hq   = q->ne[1];
+        const int64_t n_tok  = q->ne[2] * q->ne[3];
+        const int64_t n_gqa  = n_hq / self->n_head;
+        for (int h = ith; h < self->n_head; h += nth) {
+            uint16_t * Uh = self->U.data() + (size_t) h * self->packed();
+            if (!self->head_fitted[h]) {
+                // rows: every token's queries of the heads that read KV head h
+                std::vector<float> rows((size_t) (n_tok * n_gqa * d));
+                for (int64_t t = 0; t < n_tok; ++t) {
+                    for (int64_t i = 0; i < n_gqa; ++i) {
+                        const float * src = (const float *) q->data + (t * n_hq + h * n_gqa + i) * d;
+                        memcpy(rows.data() + (t * n_gqa + i) * d, src, (size_t) d * sizeof(float));
+                    }
+                }
+                // on failure pkv_squat_prepare leaves U = I: this head is then plain kv
+                std::vector<float> Ud((size_t) d * d);
+                pkv_squat_prepare(rows.data(), n_tok * n_gqa, d, self->st.squat_rank, self->st.squat_lambda,
+                                  self->st.squat_normalize ? 1 : 0, Ud.data());
+                pkv_squat_pack(Ud.data(), d, Uh);
+                self->head_fitted[h] = 1;
+                bump_epoch();
+            }
+            memcpy((char *) dst->data + (size_t) h * dst->nb[1], Uh, self->packed() * sizeof(uint16_t));
+        }
+    }
+
+    // CPU encoder writing K rows straight into a host cache: src[0] K rows (f32,
+    // n_embd_gqa x n_tokens), src[1] the cache row of each token (I32/I64),
+    // src[2] the cache (n_embd_gqa x cells), src[3] U of every head. Threads
+    // split the tokens.
+    static void store_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+        const auto * self = static_cast<const squat_slot *>(userdata);
+        const ggml_tensor * k     = dst->src[0];
+        const ggml_tensor * idx   = dst->src[1];
+        const ggml_tensor * cache = dst->src[2];
+        const ggml_tensor * Ut    = dst->src[3];
+        const int     d      = self->d;
+        const int64_t n_tok  = k->ne[1];
+        const size_t  head_b = (size_t) (d / PKV_BLOCK) * pkv_block_bytes(self->bits);
+        if (ith >= n_tok) {
+            return;
+        }
+        // this thread's dense copy of every head's U (the encoder reads rows of it);
+        // thread_local so that decode does not allocate per layer and token
+        thread_local std::vector<float> U;
+        U.resize((size_t) self->n_head * d * d);
+        for (int h = 0; h < self->n_head; ++h) {
+            pkv_squat_unpack((const uint16_t *) ((const char *) Ut->data + (size_t) h * Ut->nb[1]), d,
+                             U.data() + (size_t) h * d * d);
+        }
+        for (int64_t t = ith; t < n_tok; t += nth) {
+            const int64_t row = idx->type == GGML_TYPE_I64 ? ((const int64_t *) idx->data)[t]
+                                                           : (int64_t) ((const int32_t *) idx->data)[t];
+            GGML_ASSERT(row >= 0 && row < cache->ne[1]);
+            const float * src = (const float *) ((const char *) k->data + t * k->nb[1]);
+            char * out = (char *) cache->data + row * cache->nb[1];
+            for (int h = 0; h < self->n_head; ++h) {
+                pkv_squat_quantize_row(self->bits, src + (size_t) h * d, U.data() + (size_t) h * d * d,
+                                       d, out + h * head_b);
+            }
+        }
+    }
+};
+
+} // namespace
+
+std::unique_ptr<slot> make_squat_slot(const side_settings & st, const layer_shape & sh) {
+    if (sh.is_v) {
+        throw std::runtime_error("pyllm-kv: the SQuat encoder is for keys only");
+    }
+    if (sh.head_dim <= 0 || sh.head_dim % PKV_BLOCK != 0 || sh.head_dim > PKV_LINALG_MAX_N) {
+        throw std::runtime_error(std::string("pyllm-kv: cache type ") + ggml_type_name(sh.type) +
+                                 " needs a K head size that is a multiple of " + std::to_string(PKV_BLOCK) +
+                                 " and at most " + std::to_string(PKV_LINALG_MAX_N) + " (this model: " +
+                                 std::to_string(sh.head_dim) + ")");
+    }
+    return std::unique_ptr<slot>(new squat_slot(st, sh));
+}
+
+} // namespace pkv
