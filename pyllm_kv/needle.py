@@ -18,7 +18,6 @@ already holds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -33,7 +32,9 @@ import numpy as np
 from . import _libs, corpus, report_io, squat_options
 from . import needle_prompt as npm
 from .errors import PyllmKvError
-from .eval import _bits_record, _check_available, _version, parse_formats
+from .eval import _bits_record, _check_available, _model_path, _numerics_env, _squat_settings, parse_formats
+from .eval_report import _version
+from .model import validate_config
 from .squat_options import SquatOptions
 
 __all__ = [
@@ -189,13 +190,11 @@ class _Runner:
         return text, t1 - t0, time.perf_counter() - t1, len(out)
 
 
-def _model_info(model: Optional[PathLike]) -> Tuple[str, str, int]:
-    """(path, name, trained context) of the model, read from its GGUF header."""
-    from .model import default_model_path  # noqa: PLC0415
+def _model_info(model: Optional[PathLike]) -> Any:
+    """The model's shape (path, name, trained context, heads...) from its GGUF header."""
     from .model_info import read_model_info  # noqa: PLC0415
 
-    info = read_model_info(default_model_path() if model is None else Path(model).expanduser())
-    return str(info.path), info.name, int(info.n_ctx_train or 0)
+    return read_model_info(_model_path(model))
 
 
 def _load(model: Optional[PathLike], k: str, v: str, n_ctx: int, ngl: int, n_threads: Optional[int],
@@ -246,7 +245,7 @@ def _format_summary(rec: Dict[str, Any]) -> None:
 
 def _same_run(old: Dict[str, Any], settings: Dict[str, Any]) -> bool:
     keys = ("model", "text", "seed", "trials", "max_new_tokens", "needle", "instruction", "question",
-            "answer_prefix", "n_batch", "squat")
+            "answer_prefix", "n_batch", "squat", "env")
     return all(old.get("settings", {}).get(k) == settings.get(k) for k in keys)
 
 
@@ -286,7 +285,10 @@ def evaluate(
     if int(max_new_tokens) < 1:
         raise NeedleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     trials, max_new_tokens = int(trials), int(max_new_tokens)
-    model_path, model_name, n_ctx_train = _model_info(model)
+    info = _model_info(model)
+    model_path, model_name, n_ctx_train = str(info.path), info.name, int(info.n_ctx_train or 0)
+    for _, k, v in pairs:
+        validate_config(info, k, v, True)  # head_dim vs block size, before any load
     if n_ctx_train and lengths_l[-1] + max_new_tokens > n_ctx_train:
         raise NeedleError(f"length {lengths_l[-1]} (+{max_new_tokens} answer tokens) is beyond "
                           f"{Path(model_path).name}'s trained context of {n_ctx_train} tokens")
@@ -299,6 +301,8 @@ def evaluate(
     n_ctx = -(-(lengths_l[-1] + max_new_tokens) // 256) * 256
     if n_threads is None:
         n_threads = os.cpu_count() or 1
+    squat_settings = _squat_settings(squat)
+    bits = {label: _bits_record(info, k, v, n_ctx, str(squat_settings["transform"])) for label, k, v in pairs}
 
     settings: Dict[str, Any] = {
         "model": model_path,
@@ -320,7 +324,9 @@ def evaluate(
         "n_gpu_layers": int(ngl),
         "n_threads": n_threads,
         "flash_attn": True,
-        "squat": None if squat is None else dataclasses.asdict(squat),
+        # the SQuat settings every context gets (options over environment over defaults)
+        "squat": squat_settings,
+        "env": _numerics_env(),
         "lib_dir": str(_libs.lib_dir()),
         "formats": [label for label, _, _ in pairs],
     }
@@ -363,12 +369,12 @@ def evaluate(
             todo = [(L, d) for L, d in grid if (label, L, d) not in old_cells]
             runner = None
             try:
-                if todo or "bits_per_value" not in rec:  # (a resumed JSON may lack the bits)
+                rec.update(bits[label])
+                if todo:
                     bar.set_postfix_str(f"{label}: loading", refresh=True)
                     t0 = time.perf_counter()
                     runner = _Runner(_load(model, k, v, n_ctx, ngl, n_threads, verbose, squat), max_new_tokens)
                     rec["load_s"] = time.perf_counter() - t0
-                    rec.update(_bits_record(runner.model))
                     settings.setdefault("chat_template", runner.chat)
                 for L, d in grid:
                     if (label, L, d) in old_cells:

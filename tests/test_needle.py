@@ -3,6 +3,7 @@
 
 import json
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -161,7 +162,7 @@ def test_bad_settings_fail_before_any_model_run(monkeypatch):
     with pytest.raises(nd.NeedleError):
         nd.evaluate(formats="f16", lengths="1k", trials=0)
     # (the model's header is read by a stub: gguf-py takes seconds over a 152k vocabulary)
-    monkeypatch.setattr(nd, "_model_info", lambda model: ("m.gguf", "m", 8192))
+    monkeypatch.setattr(nd, "_model_info", lambda model: fake_info("m.gguf", 8192))
     with pytest.raises(nd.NeedleError, match="trained context of 8192"):
         nd.evaluate(formats="f16", lengths="1k,8k")
     # through the CLI: one line, exit code 2
@@ -183,6 +184,12 @@ def test_eval_task_switch_help(capsys):
 
 
 # ---------------------------------------------------------------- the runner loop, outputs
+
+
+def fake_info(path, n_ctx_train):
+    """What nd._model_info reads from a GGUF header, for a model that does not exist."""
+    return SimpleNamespace(path=path, name=path.split(".")[0], n_ctx_train=n_ctx_train,
+                           head_dim_k=64, head_dim_v=64)
 
 
 class FakeModel:
@@ -221,8 +228,9 @@ def fake_run(monkeypatch):
     monkeypatch.setattr(nd, "_Runner", FakeRunner)
     monkeypatch.setattr(nd, "_load", fake_load)
     monkeypatch.setattr(nd, "_check_available", lambda pairs: None)
-    monkeypatch.setattr(nd, "_bits_record", lambda m: {"bits_per_value": 4.5})
-    monkeypatch.setattr(nd, "_model_info", lambda model: ("fake.gguf", "fake", 32768))
+    monkeypatch.setattr(nd, "_bits_record", lambda *a: {"bits_per_value": 4.5})
+    monkeypatch.setattr(nd, "_model_info", lambda model: fake_info("fake.gguf", 32768))
+
     monkeypatch.setattr(nd.corpus, "load_text", lambda: "".join(synthetic_lines(2000)))
     return loads
 
