@@ -438,7 +438,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def _len_label(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+    return f"{n / 1024:g}k" if n % 256 == 0 else str(n)  # 1k, 31.5k, 1000
 
 
 def _acc_cell(cells: List[Dict[str, Any]]) -> str:
