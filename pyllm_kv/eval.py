@@ -12,6 +12,11 @@ Chunking follows llama-perplexity: the token stream is cut into chunks of
 by BOS when the model adds one), and only its second half is scored (so every
 scored token sees at least ctx/2 tokens of context): positions ``ctx/2 .. ctx-2``
 predict tokens ``ctx/2+1 .. ctx-1``, ``ctx - 1 - ctx/2`` scores per chunk.
+For long contexts ``--score-from 0`` scores every position (``--score-stride N``
+every N-th) and the report adds the numbers per doubling position bucket
+(0-512, 512-1k, 1k-2k ...: ``eval_positions``), which shows how a format's
+error grows with depth; ``--ubatch`` sets the slice on whose first instance the
+squat*/deco* side state is fitted.
 
 Memory does not grow with the number of formats (``eval_memory`` has the
 arithmetic, and refuses a run the machine cannot hold before it starts):
@@ -52,7 +57,7 @@ from .eval_memory import NotEnoughMemory
 from .eval_metrics import ChunkStats, block_stats, rows_per_block
 from .eval_positions import Scoring
 from .eval_reference import ReferenceStore
-from .eval_report import build_report, format_table, plot
+from .eval_report import build_report, by_position_plot_path, format_table, plot, plot_by_position
 from .model import validate_config
 from .model_info import kv_bytes_per_token, read_model_info, side_state_bytes
 from .report_io import write_json
@@ -506,6 +511,11 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     # evaluate() wrote the JSON (after every pass, and the final report)
     report_io.emit(result, format_table(result), None, args.plot_out, plot, "pyllm-kv eval")
+    if args.plot_out and any(r.get("by_position") for r in result["results"]):
+        try:
+            print(f"wrote {plot_by_position(result, by_position_plot_path(args.plot_out))}", file=sys.stderr)
+        except ImportError as exc:
+            print(f"pyllm-kv eval: no plot by position ({exc})", file=sys.stderr)
     if args.json_out:
         print(f"wrote {args.json_out} (journal of passes: {result['settings']['journal']})", file=sys.stderr)
     if result["interrupted"]:

@@ -202,3 +202,42 @@ def plot(result: Dict[str, Any], path: PathLike) -> Path:
     else:
         ax.text(0.5, 0.5, "no finished chunks", transform=ax.transAxes, ha="center", va="center")
     return report_io.save_figure(fig, path)
+
+
+def plot_by_position(result: Dict[str, Any], path: PathLike) -> Path:
+    """Mean KLD (log scale) per position bucket, one line per format; PNG at ``path``.
+    For runs with ``--score-from``: how each format's error changes with depth."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    s = result["settings"]
+    recs = [r for r in result["results"] if r.get("by_position") and not r.get("is_reference")]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    names: List[str] = []
+    for r in recs:
+        pts = [(i, b["kld_mean"]) for i, b in enumerate(r["by_position"]) if b.get("n_tokens") and b["kld_mean"] > 0]
+        if not pts:
+            continue
+        ours = any(formats.resolve(n).is_ours for n in (r["cache_k"], r["cache_v"]))
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="*" if ours else "o",
+                ls="-" if ours else "--", label=f"{r['format']} ({r['bits_per_value']:.3g} b/v)")
+        if len(r["by_position"]) > len(names):
+            names = [b["bucket"] for b in r["by_position"]]
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names)
+    ax.set_yscale("log")
+    ax.set_xlabel("position in the chunk (tokens)")
+    ax.set_ylabel(f"mean KLD vs {s['reference']} cache (nats, log scale)")
+    ax.set_title(f"{Path(s['model']).name}: KLD by depth, ctx {s['ctx']}, {s['chunks']} chunk(s)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    if names:
+        ax.legend(fontsize=8, loc="best")
+    return report_io.save_figure(fig, path)
+
+
+def by_position_plot_path(plot_out: PathLike) -> Path:
+    """Where ``--plot FILE.png`` puts the by-position figure: ``FILE-by-position.png``."""
+    p = Path(plot_out)
+    return p.with_name(p.stem + "-by-position" + (p.suffix or ".png"))

@@ -11,7 +11,8 @@ from pyllm_kv import eval_memory
 from pyllm_kv.eval_journal import Journal
 from pyllm_kv.eval_metrics import ChunkStats
 from pyllm_kv.eval_positions import Scoring, bucket_edges, label
-from pyllm_kv.eval_report import build_report, format_position_table, format_table
+from pyllm_kv.eval_report import (build_report, by_position_plot_path, format_position_table, format_table,
+                                  plot_by_position)
 
 
 def test_scoring_positions():
@@ -44,7 +45,7 @@ def _stats(kld, same):
                       same_top=np.asarray(same, bool), dp=np.zeros(n))
 
 
-def test_report_splits_by_position():
+def test_report_splits_by_position(tmp_path):
     # ctx 2048 scored from 256 every 256th: positions 256, 512, ..., 1792 (7 of them)
     sc = Scoring(2048, 256, 256)
     pos = sc.positions()
@@ -70,6 +71,9 @@ def test_report_splits_by_position():
     table = format_position_table(rep)
     assert "[1k, 2k)" in table and "| kv4 | 0.756 (100.0%) | 1.14 (100.0%) | 1.908 (0.0%) |" in table
     assert table in format_table(rep)
+    pytest.importorskip("matplotlib")
+    png = plot_by_position(rep, by_position_plot_path(tmp_path / "k.png"))
+    assert png.name == "k-by-position.png" and png.read_bytes()[:4] == b"\x89PNG"
     # the default scoring has no buckets and no second table
     plain = build_report(settings, pairs, bits, {"f16"}, j, [0, 1], 2, False, True, 1.0, Scoring.default(2048))
     assert "by_position" not in plain["results"][1] and format_position_table(plain) == ""
