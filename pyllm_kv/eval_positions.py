@@ -53,7 +53,7 @@ class Scoring:
 
     def describe(self) -> str:
         last = int(self.positions()[-1])
-        every = "" if self.stride == 1 else f" every {self.stride}th"
+        every = "" if self.stride == 1 else f", every {self.stride}-th"
         return f"{self.first}..{last}{every} (predicting the token after each)"
 
 

@@ -21,7 +21,7 @@ def test_scoring_positions():
     s = Scoring(1000, 0, 7)
     assert not s.is_default
     assert list(s.positions()[:3]) == [0, 7, 14] and s.positions()[-1] == 994 and len(s) == len(s.positions())
-    assert "every 7th" in s.describe()
+    assert "every 7-th" in s.describe()
     with pytest.raises(ValueError):
         Scoring(128, 127)  # nothing after the last position to predict
     with pytest.raises(ValueError):
