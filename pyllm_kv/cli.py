@@ -33,6 +33,11 @@ _PLUGINS: Dict[str, Tuple[str, str]] = {
     "serve": ("pyllm_kv.serve", "OpenAI-compatible chat server (the bundled llama-server) with these cache formats"),
     "advise": ("pyllm_kv.advise", "the best K/V cache pair for a model under a bit budget (a short real eval)"),
 }
+# Tasks of `pyllm-kv eval --task T`, each its own module with the same two functions.
+_EVAL_TASKS: Dict[str, Tuple[str, str]] = {
+    "kld": ("pyllm_kv.eval", "quality of cache formats vs the f16 cache (KLD, top-1, PPL)"),  # the default
+    "needle": ("pyllm_kv.needle", "passkey retrieval at several depths of long prompts, per cache format"),
+}
 
 
 # ---- argument parsing ------------------------------------------------------------
@@ -264,6 +269,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _run_plugin(name: str, argv: Sequence[str], verbose: bool) -> int:
     module_name, help_text = _PLUGINS[name]
+    task = None
+    if name == "eval":
+        pre = argparse.ArgumentParser(prog=f"{PROG} {name}", add_help=False)
+        pre.add_argument("--task", choices=sorted(_EVAL_TASKS), default="kld")
+        task = pre.parse_known_args(list(argv))[0].task
+        module_name, help_text = _EVAL_TASKS[task]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -271,6 +282,10 @@ def _run_plugin(name: str, argv: Sequence[str], verbose: bool) -> int:
             raise
         raise PyllmKvError(f"the '{name}' command is not available in this build yet ({module_name} is missing).") from None
     parser = argparse.ArgumentParser(prog=f"{PROG} {name}", description=help_text)
+    if task is not None:
+        parser.add_argument("--task", choices=sorted(_EVAL_TASKS), default="kld",
+                            help="kld: KL divergence, top-1, PPL vs the f16 cache (default); "
+                                 "needle: passkey retrieval at depth in long prompts")
     module.add_arguments(parser)
     args = parser.parse_args(list(argv))
     if not hasattr(args, "verbose"):

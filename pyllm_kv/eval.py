@@ -12,6 +12,11 @@ Chunking follows llama-perplexity: the token stream is cut into chunks of
 by BOS when the model adds one), and only its second half is scored (so every
 scored token sees at least ctx/2 tokens of context): positions ``ctx/2 .. ctx-2``
 predict tokens ``ctx/2+1 .. ctx-1``, ``ctx - 1 - ctx/2`` scores per chunk.
+For long contexts ``--score-from 0`` scores every position (``--score-stride N``
+every N-th) and the report adds the numbers per doubling position bucket
+(0-512, 512-1k, 1k-2k ...: ``eval_positions``), which shows how a format's
+error grows with depth; ``--ubatch`` sets the slice on whose first instance the
+squat*/deco* side state is fitted.
 
 Memory does not grow with the number of formats (``eval_memory`` has the
 arithmetic, and refuses a run the machine cannot hold before it starts):
@@ -50,8 +55,9 @@ from .eval_llama import FormatRunner as _Runner
 from .eval_llama import SWA_FULL, SharedModel, n_ubatch_for, type_ids
 from .eval_memory import NotEnoughMemory
 from .eval_metrics import ChunkStats, block_stats, rows_per_block
+from .eval_positions import Scoring
 from .eval_reference import ReferenceStore
-from .eval_report import build_report, format_table, plot
+from .eval_report import build_report, by_position_plot_path, format_table, plot, plot_by_position
 from .model import validate_config
 from .model_info import kv_bytes_per_token, kv_cost, kv_layout, read_model_info, side_state_bytes
 from .report_io import write_json
@@ -248,6 +254,9 @@ def evaluate(
     json_out: Optional[PathLike] = None,
     resume: bool = False,
     tmp_dir: Optional[PathLike] = None,
+    score_from: Optional[int] = None,
+    score_stride: int = 1,
+    n_ubatch: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Compare KV-cache formats against the f16 cache on a text; returns the report dict.
 
@@ -264,6 +273,11 @@ def evaluate(
     (:mod:`pyllm_kv.eval_journal`); ``resume``: skip the passes that journal holds.
     ``tmp_dir``: where the f16 reference of the current chunk is kept (default:
     the system's temporary directory).
+    ``score_from``: first scored position of a chunk (default ctx/2; 0 = all) and
+    ``score_stride``: score every n-th position from there
+    (:mod:`pyllm_kv.eval_positions`); each result then also has ``by_position``,
+    the numbers per doubling position bucket. ``n_ubatch``: tokens per decode call
+    (default 512): squat*/deco* fit their side state on the first one of a chunk.
 
     The run's peak memory is estimated first (:mod:`pyllm_kv.eval_memory`);
     NotEnoughMemory says which ``ctx`` would fit when the machine lacks it.
@@ -280,6 +294,13 @@ def evaluate(
         raise EvalError(f"ctx must be an even number >= 8 (e.g. 512), got {ctx}")
     if chunks is not None and int(chunks) < 1:
         raise EvalError(f"chunks must be >= 1, got {chunks}")
+    try:
+        scoring = Scoring(ctx, ctx // 2 if score_from is None else int(score_from), int(score_stride))
+    except ValueError as exc:
+        raise EvalError(f"--score-from/--score-stride: {exc}") from None
+    if n_ubatch is not None and not 1 <= int(n_ubatch) <= ctx:
+        raise EvalError(f"n_ubatch (--ubatch) must be in 1..ctx ({ctx}), got {n_ubatch}")
+    ubatch = n_ubatch_for(ctx, n_ubatch)
     n_gpu_layers = checks.integer("n_gpu_layers (--ngl)", n_gpu_layers, -1, 2**31 - 1,
                                   " Use 0 for CPU only, -1 for all layers.")
     if resume and json_out is None:
@@ -300,7 +321,9 @@ def evaluate(
     # at most one chunk per ctx bytes of text (a token is at least one byte)
     chunks_bound = max(1, len(body.encode("utf-8")) // ctx) if chunks is None else int(chunks)
     memory = eval_memory.check(_model_shape(info, path, pairs, n_gpu_layers, squat_transform), ctx,
-                               chunks_bound, tmp_dir)
+                               chunks_bound, tmp_dir, score_stride=scoring.stride,
+                               score_from=None if scoring.first == ctx // 2 else scoring.first,
+                               n_ubatch=ubatch)
 
     t_start = time.perf_counter()
     shared = _load(path, n_gpu_layers, verbose)
@@ -325,15 +348,17 @@ def evaluate(
             "chunks": 0,
             "chunks_requested": None if chunks is None else int(chunks),
             "chunks_available": n_avail,
-            "scored_per_chunk": ctx - 1 - ctx // 2,
-            "scored_positions": f"{ctx // 2}..{ctx - 2} (predicting tokens {ctx // 2 + 1}..{ctx - 1})",
+            "scored_per_chunk": len(scoring),
+            "scored_positions": scoring.describe(),
+            "score_from": scoring.first,
+            "score_stride": scoring.stride,
             "bos_per_chunk": shared.add_bos,
             "reference": REFERENCE,
             "reference_bits": _bits_record(info, REFERENCE, REFERENCE, n_ctx, squat_settings),
             "reference_rerun": bool(rerun_reference),
             "flash_attn": True,
             "n_batch": ctx,
-            "n_ubatch": n_ubatch_for(ctx),
+            "n_ubatch": ubatch,
             "n_threads": n_threads,
             "n_gpu_layers": n_gpu_layers,
             "lib_dir": str(_libs.lib_dir()),
@@ -347,13 +372,16 @@ def evaluate(
             "text_tokens": int(len(tokens)), "ctx": ctx, "bos_per_chunk": shared.add_bos,
             "reference_rerun": bool(rerun_reference), "n_gpu_layers": n_gpu_layers,
             "lib_dir": str(_libs.lib_dir()), "squat": squat_settings, "env": _numerics_env(),
+            # (only when not the defaults, so journals of earlier versions still resume)
+            **({} if scoring.is_default else {"score_from": scoring.first, "score_stride": scoring.stride}),
+            **({} if n_ubatch is None else {"n_ubatch": ubatch}),
         }, resume=resume)
         if json_out is not None:
             settings["journal"] = str(journal.path)
 
         def report(interrupted: bool, final: bool) -> Dict[str, Any]:
             return build_report(settings, pairs, bits, reuse, journal, journal.complete_chunks(labels, n_chunks),
-                                n_chunks, interrupted, final, time.perf_counter() - t_start)
+                                n_chunks, interrupted, final, time.perf_counter() - t_start, scoring)
 
         def checkpoint() -> None:  # after every pass: what is finished survives a crash or a kill
             if json_out is not None:
@@ -362,7 +390,7 @@ def evaluate(
         interrupted = False
         try:
             _run_passes(shared, tokens, pairs, reuse, ctx, n_chunks, n_threads, squat, journal, tmp_dir,
-                        progress, checkpoint)
+                        progress, checkpoint, scoring, ubatch)
         except KeyboardInterrupt:
             interrupted = True
         result = report(interrupted, True)
@@ -375,24 +403,25 @@ def evaluate(
 
 def _run_passes(shared: SharedModel, tokens: np.ndarray, pairs: Sequence[Tuple[str, str, str]], reuse: set,
                 ctx: int, n_chunks: int, n_threads: int, squat: Optional[SquatOptions], journal: Journal,
-                tmp_dir: Optional[PathLike], progress: bool, checkpoint: Any) -> None:
+                tmp_dir: Optional[PathLike], progress: bool, checkpoint: Any, scoring: Scoring,
+                n_ubatch: int) -> None:
     """Every pass the journal lacks, chunk by chunk: the reference, then each format."""
     labels = [label for label, _, _ in pairs]
     ref = _Runner(shared, f"{REFERENCE} (reference)", *type_ids([(REFERENCE, REFERENCE, REFERENCE)])[0],
-                  ctx, n_threads, squat)
-    runners = {label: _Runner(shared, label, *ids, ctx, n_threads, squat)
+                  ctx, n_threads, squat, scoring, n_ubatch)
+    runners = {label: _Runner(shared, label, *ids, ctx, n_threads, squat, scoring, n_ubatch)
                for label, ids in zip(labels, type_ids(pairs)) if label not in reuse}
     todo = [(c, [lb for lb in labels if not journal.has(c, lb)]) for c in range(n_chunks)]
     todo = [(c, pending) for c, pending in todo if pending]
     bar = _progress(sum(1 + len([lb for lb in pending if lb not in reuse]) for _, pending in todo), progress)
-    first = ctx // 2
+    predicted = scoring.positions() + 1  # the token each scored position predicts
     try:
         with ReferenceStore(shared.n_vocab, rows_per_block(shared.n_vocab), tmp_dir) as store:
             for c, pending in todo:
                 chunk = tokens[c * ctx:(c + 1) * ctx].copy()
                 if shared.add_bos:
                     chunk[0] = shared.bos
-                targets = chunk[first + 1:]
+                targets = chunk[predicted]
                 bar.set_postfix_str(f"chunk {c + 1}/{n_chunks} {REFERENCE}", refresh=False)
                 own = _reference_pass(ref, chunk, targets, store, any(lb in reuse for lb in pending))
                 bar.update(1)
@@ -455,6 +484,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--rerun-reference", action="store_true",
                         help="run an 'f16' entry in its own context instead of reusing the reference "
                              "(shows that a run is deterministic: its KLD must be 0)")
+    parser.add_argument("--score-from", type=int, default=None, metavar="POS",
+                        help="first scored position of a chunk (default ctx/2, as llama-perplexity; 0 = every "
+                             "position): the report then also splits KLD by position (0-512, 512-1k, 1k-2k ...)")
+    parser.add_argument("--score-stride", type=int, default=1, metavar="N",
+                        help="score every N-th position only (default 1): a smaller reference file and less "
+                             "arithmetic at 16k-32k tokens")
+    parser.add_argument("--ubatch", type=int, default=None, metavar="N",
+                        help="tokens per decode call (default 512); squat*/deco* fit their side state on the "
+                             "first such slice of every chunk")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     squat_options.add_arguments(parser)
     # SUPPRESS: absent unless given, so `pyllm-kv --verbose eval` (the global flag) still counts
@@ -470,10 +508,16 @@ def run_cli(args: argparse.Namespace) -> int:
         n_threads=args.threads, progress=not args.no_progress,
         rerun_reference=args.rerun_reference, verbose=bool(getattr(args, "verbose", False)),
         squat=squat_options.from_args(args), n_gpu_layers=args.ngl, json_out=args.json_out,
-        resume=args.resume, tmp_dir=args.tmp_dir,
+        resume=args.resume, tmp_dir=args.tmp_dir, score_from=args.score_from,
+        score_stride=args.score_stride, n_ubatch=args.ubatch,
     )
     # evaluate() wrote the JSON (after every pass, and the final report)
     report_io.emit(result, format_table(result), None, args.plot_out, plot, "pyllm-kv eval")
+    if args.plot_out and any(r.get("by_position") for r in result["results"]):
+        try:
+            print(f"wrote {plot_by_position(result, by_position_plot_path(args.plot_out))}", file=sys.stderr)
+        except ImportError as exc:
+            print(f"pyllm-kv eval: no plot by position ({exc})", file=sys.stderr)
     if args.json_out:
         print(f"wrote {args.json_out} (journal of passes: {result['settings']['journal']})", file=sys.stderr)
     if result["interrupted"]:

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import _libs, formats, squat_options
 from .errors import LlamaError, PyllmKvError
+from .eval_positions import Scoring
 from .squat_options import SquatOptions
 
 #: Sliding-window (iSWA) models: every eval context gives the sliding layers the
@@ -41,8 +42,10 @@ N_UBATCH = 512
 _backend_ready = False
 
 
-def n_ubatch_for(ctx: int) -> int:
-    return min(N_UBATCH, int(ctx))
+def n_ubatch_for(ctx: int, n_ubatch: Optional[int] = None) -> int:
+    """Tokens per ``llama_decode`` call: ``n_ubatch`` (default :data:`N_UBATCH`), at most ctx.
+    The squat*/deco* side state is fitted on the first of these slices of a chunk."""
+    return min(N_UBATCH if n_ubatch is None else int(n_ubatch), int(ctx))
 
 
 class SharedModel:
@@ -102,13 +105,15 @@ class FormatRunner:
     that exists only while :meth:`run` is being iterated."""
 
     def __init__(self, shared: SharedModel, label: str, type_k: int, type_v: int, ctx: int,
-                 n_threads: int, squat: Optional[SquatOptions] = None):
+                 n_threads: int, squat: Optional[SquatOptions] = None, scoring: Optional[Scoring] = None,
+                 n_ubatch: Optional[int] = None):
         self.shared = shared
         self.ll = shared.ll
         self.label = label
         self.type_k, self.type_v = int(type_k), int(type_v)
         self.ctx = int(ctx)
-        self.first = self.ctx // 2
+        self.scoring = Scoring.default(self.ctx) if scoring is None else scoring
+        self.n_ubatch = n_ubatch_for(self.ctx, n_ubatch)
         self.n_threads = int(n_threads)
         self.squat = squat
         self.n_ctx_allocated: Optional[int] = None  # what llama.cpp made of ctx (it rounds up)
@@ -122,7 +127,7 @@ class FormatRunner:
         # earlier versions of eval, so the numbers do not move.
         p.n_ctx = self.ctx
         p.n_batch = self.ctx
-        p.n_ubatch = n_ubatch_for(self.ctx)
+        p.n_ubatch = self.n_ubatch
         p.n_threads = self.n_threads
         p.n_threads_batch = self.n_threads
         p.rope_scaling_type = ll.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED
@@ -159,10 +164,15 @@ class FormatRunner:
 
         Yields ``(row, logits)`` for every slice with scored positions: ``logits``
         is a float32 view (rows x n_vocab) of llama.cpp's buffer for scored rows
-        ``row, row+1, ...`` (row 0 = position ctx/2), valid until the next step.
+        ``row, row+1, ...`` (row r = the r-th of ``scoring.positions()``; by
+        default position ctx/2 + r), valid until the next step.
         """
-        ll, n, first = self.ll, len(tokens), self.first
-        step = n_ubatch_for(self.ctx)
+        ll, n = self.ll, len(tokens)
+        pos = self.scoring.positions()
+        scored = np.zeros(n, dtype=bool)
+        scored[pos[pos < n - 1]] = True
+        rank = np.cumsum(scored) - 1  # row of each scored position
+        step = self.n_ubatch
         n_vocab = self.shared.n_vocab
         ctx = self._open()
         batch = ll.llama_batch_init(step, 0, 1)
@@ -175,18 +185,18 @@ class FormatRunner:
                     batch.pos[j] = i
                     batch.n_seq_id[j] = 1
                     batch.seq_id[j][0] = 0
-                    batch.logits[j] = 1 if first <= i < n - 1 else 0
+                    batch.logits[j] = 1 if scored[i] else 0
                 t0 = time.perf_counter()
                 rc = ll.llama_decode(ctx, batch)
                 self.seconds += time.perf_counter() - t0
                 if rc != 0:
                     raise PyllmKvError(f"llama_decode failed (rc={rc}) for cache {self.label}")
                 self.tokens_decoded += e - s
-                lo, hi = max(s, first), min(e, n - 1)
-                if hi > lo:
+                k = int(scored[s:e].sum())
+                if k:
                     ptr = ll.llama_get_logits(ctx)
-                    rows = np.ctypeslib.as_array(ptr, shape=((hi - lo) * n_vocab,)).reshape(hi - lo, n_vocab)
-                    yield lo - first, rows
+                    rows = np.ctypeslib.as_array(ptr, shape=(k * n_vocab,)).reshape(k, n_vocab)
+                    yield int(rank[s:e][scored[s:e]][0]), rows
         finally:
             ll.llama_batch_free(batch)
             ll.llama_free(ctx)

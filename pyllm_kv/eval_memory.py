@@ -22,7 +22,8 @@ this process           what Python, numpy and the libraries hold now, + 64 MiB
 =====================  ==========================================================
 
 Nothing grows with the number of formats except the per-position results.
-The f16 reference of a chunk, ``(ctx/2 - 1) x V x 4`` bytes, goes to a
+The f16 reference of a chunk, ``(ctx/2 - 1) x V x 4`` bytes (scored positions
+x V x 4 with ``--score-from``/``--score-stride``), goes to a
 temporary file (``eval_reference``): it counts against disk space, or against
 memory when the temporary directory is a tmpfs. At ctx 8192 with a 262k
 vocabulary that is 4.3 GB of disk, while the process needs about 1.9 GB.
@@ -92,13 +93,21 @@ def n_ctx_allocated(ctx: int) -> int:
     return -(-int(ctx) // 256) * 256
 
 
+def scored_positions(ctx: int, score_from: Optional[int] = None, score_stride: int = 1) -> int:
+    """Positions scored per chunk (``eval_positions.Scoring``): from ctx/2 by default,
+    from ``score_from`` (at most ctx-2) otherwise, every ``score_stride``-th."""
+    first = int(ctx) // 2 if score_from is None else min(int(score_from), int(ctx) - 2)
+    return len(range(first, int(ctx) - 1, max(1, int(score_stride))))
+
+
 def estimate(shape: ModelShape, ctx: int, n_chunks: int, process_bytes: int,
-             reference_in_memory: bool = False) -> Estimate:
+             reference_in_memory: bool = False, score_from: Optional[int] = None, score_stride: int = 1,
+             n_ubatch: int = 512) -> Estimate:
     """Peak resident memory of an eval run at chunk size ``ctx`` (see the module docstring)."""
     V = shape.n_vocab
-    U = min(512, int(ctx))
+    U = min(int(n_ubatch), int(ctx))
     n = n_ctx_allocated(ctx)
-    scored = int(ctx) - 1 - int(ctx) // 2
+    scored = scored_positions(ctx, score_from, score_stride)
     R = rows_per_block(V)
     on_cpu = shape.n_gpu_layers == 0
     est = Estimate(ctx=int(ctx))
@@ -212,7 +221,8 @@ def largest_fitting_ctx(fits: Callable[[int], bool], ctx: int) -> Optional[int]:
     return 2 * lo
 
 
-def check(shape: ModelShape, ctx: int, n_chunks: int, tmp_dir: Optional[PathLike] = None) -> Estimate:
+def check(shape: ModelShape, ctx: int, n_chunks: int, tmp_dir: Optional[PathLike] = None,
+          score_from: Optional[int] = None, score_stride: int = 1, n_ubatch: int = 512) -> Estimate:
     """Estimate the run; raise NotEnoughMemory, naming a --ctx that fits, when the
     machine lacks the memory or the disk space. Returns the estimate."""
     directory = reference_dir(tmp_dir)
@@ -220,7 +230,8 @@ def check(shape: ModelShape, ctx: int, n_chunks: int, tmp_dir: Optional[PathLike
     rss = process_rss()
 
     def est(c: int) -> Estimate:
-        return estimate(shape, c, n_chunks, rss, reference_in_memory=in_ram)
+        return estimate(shape, c, n_chunks, rss, reference_in_memory=in_ram, score_from=score_from,
+                        score_stride=score_stride, n_ubatch=n_ubatch)
 
     result = est(ctx)
     got = available_memory()
