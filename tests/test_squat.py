@@ -154,7 +154,8 @@ def test_state_file_names_other_settings(load, model_path, tmp_path):
         assert "SquatOptions(rank=20, lam=100.0, normalize=True, transform='hadamard', center='auto')" in str(exc.value)
     finally:
         other.close()
-    assert m.squat_settings == {"rank": 20, "lam": 100.0, "normalize": True, "transform": "hadamard", "center": "auto"}
+    assert m.squat_settings == {"rank": 20, "lam": 100.0, "normalize": True, "transform": "hadamard", "center": "auto",
+                                "refit": "first"}
 
 
 def test_k_shift_keeps_squat_cache_usable(load):
