@@ -302,7 +302,7 @@ def evaluate(
     if n_threads is None:
         n_threads = os.cpu_count() or 1
     squat_settings = _squat_settings(squat)
-    bits = {label: _bits_record(info, k, v, n_ctx, str(squat_settings["transform"])) for label, k, v in pairs}
+    bits = {label: _bits_record(info, k, v, n_ctx, squat_settings) for label, k, v in pairs}
 
     settings: Dict[str, Any] = {
         "model": model_path,
