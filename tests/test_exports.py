@@ -41,6 +41,29 @@ def test_backend_libraries_export_only_their_c_api(lib_dir):
     assert checked >= 1, f"no backend library in {lib_dir}"
 
 
+# Symbols that only the C++ runtime itself defines (libstdc++/libsupc++): a library of
+# ours that exports one carries a static copy of the runtime and offers it to the others.
+RUNTIME_MARKERS = ("__cxa_", "__dynamic_cast", "__gxx_personality", "_ZNSt6locale", "_ZSt4cout",
+                   "_ZNSt8ios_base")
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_no_library_exports_a_cxx_runtime(lib_dir):
+    """A toolchain whose g++ links libstdc++ statically (the GPU machine's /opt/gcc)
+    put a runtime copy into libggml, libggml-base and libllama and exported it (3239,
+    696 and 882 symbols): they bound each other's std::locale internals and every
+    pyllm_kv.load died with SIGSEGV, CPU or GPU. CMakeLists.txt links our libraries
+    with --exclude-libs,ALL so a static runtime stays private to its library."""
+    libs = sorted(p for p in lib_dir.glob("lib*.so") if not p.is_symlink() or p.resolve().is_file())
+    assert libs, f"no shared libraries in {lib_dir}"
+    leaking = {}
+    for path in libs:
+        runtime = [s for s in _defined_dynamic_symbols(path) if s.startswith(RUNTIME_MARKERS)]
+        if runtime:
+            leaking[path.name] = (len(runtime), runtime[:3])
+    assert not leaking, f"libraries exporting C++ runtime symbols: {leaking}"
+
+
 def test_main_job_after_cpp_extension_and_global_libstdcxx(lib_dir, model_path):
     """A user who imports a C++ extension (matplotlib's pybind11 module, or torch) and maps
     libstdc++ globally before pyllm_kv gets the same tokens as a clean process.
