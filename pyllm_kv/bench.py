@@ -47,9 +47,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from . import _libs, formats, report_io
+from . import _libs, checks, formats, report_io
 from .report_io import write_json
-from .errors import FormatNotAvailable, LibraryNotFound, PyllmKvError
+from .errors import FormatNotAvailable, InvalidParameter, LibraryNotFound, PyllmKvError
 from .model_info import ModelInfo, check_head_dim, kv_bytes_per_token, read_model_info, side_state_bytes
 
 __all__ = [
@@ -275,13 +275,19 @@ def weight_bytes(path: PathLike) -> Dict[str, int]:
 
 
 def build_command(exe: PathLike, model: PathLike, cache_k: str, cache_v: str, depths: Sequence[int],
-                  pp: int, tg: int, reps: int, threads: Optional[int] = None, ngl: int = 0) -> List[str]:
-    """One llama-bench invocation: one K/V pair, every depth, prefill and/or decode."""
+                  pp: int, tg: int, reps: int, threads: Optional[int] = None, ngl: int = 0,
+                  split: Optional[str] = None, tensor_split: Optional[Sequence[float]] = None) -> List[str]:
+    """One llama-bench invocation: one K/V pair, every depth, prefill and/or decode;
+    ``split``/``tensor_split``: llama-bench's -sm/-ts (several GPUs)."""
     cmd = [str(exe), "-m", str(model), "-ctk", formats.resolve(cache_k).ggml, "-ctv", formats.resolve(cache_v).ggml,
            "-fa", "on", "-p", str(pp), "-n", str(tg), "-d", ",".join(str(d) for d in depths),
            "-r", str(reps), "-ngl", str(ngl), "-o", "json"]
     if threads is not None:
         cmd += ["-t", str(threads)]
+    if split is not None:
+        cmd += ["-sm", split]
+    if tensor_split is not None:
+        cmd += ["-ts", "/".join(f"{w:g}" for w in tensor_split)]
     return cmd
 
 
@@ -451,6 +457,8 @@ def run_bench(
     timeout: Optional[float] = None,
     progress: bool = True,
     devices: Union[str, Sequence[str], None] = None,
+    split: Optional[str] = None,
+    tensor_split: Optional[Sequence[float]] = None,
 ) -> Dict[str, Any]:
     """Benchmark cache formats with llama-bench; returns the report dict.
 
@@ -465,12 +473,25 @@ def run_bench(
     ``model``. ``devices``: ``"cpu,gpu"`` (or a list) runs every format on each
     (``-ngl 0`` / ``-ngl 99``) instead of once with ``ngl``; with the CPU among
     them the CPU's default depths and decode tokens apply to both.
+    ``split``: ``"layer"``, ``"row"`` or ``"none"`` (llama-bench -sm), with
+    ``tensor_split`` (-ts) the share per GPU; for machines with several GPUs.
 
     A format whose llama-bench run fails is reported with its error; the others
     still run. ``complete`` is False if a run failed or Ctrl-C stopped it.
     """
     # -- everything that can fail cheaply, before any run
     pairs = parse_formats(formats)
+    if split is not None:
+        try:
+            checks.split_mode(split)
+        except InvalidParameter as exc:
+            raise BenchError(str(exc).replace("split_mode", "split (--split)")) from None
+        split = str(split).strip().lower()
+    if tensor_split is not None:
+        try:
+            tensor_split = checks.tensor_split(tensor_split)
+        except InvalidParameter as exc:
+            raise BenchError(str(exc)) from None
     if isinstance(ngl, bool) or not isinstance(ngl, int) or ngl < -1:
         raise BenchError(f"ngl (-ngl/--ngl) must be 0 (CPU only), a number of layers, or -1 (all layers), "
                          f"got {ngl!r}")
@@ -522,7 +543,7 @@ def run_bench(
     jobs = [(dev, n, pair) for dev, n in targets for pair in pairs]
     try:
         for i, (dev, n, (label, k, v)) in enumerate(jobs):
-            cmd = build_command(exe, path, k, v, depth_list, pp, tg, reps, threads, n)
+            cmd = build_command(exe, path, k, v, depth_list, pp, tg, reps, threads, n, split, tensor_split)
             if progress:
                 where = f" on the {dev.upper()}" if len(targets) > 1 else ""
                 print(f"pyllm-kv bench: [{i + 1}/{len(jobs)}] {label}{where} ...", end="", file=sys.stderr,
@@ -562,6 +583,7 @@ def run_bench(
         "depths": depth_list, "pp": pp, "tg": tg, "reps": reps,
         "threads": threads if threads is not None else first.get("n_threads"),
         "ngl": targets[0][1] if len(targets) == 1 else None, "flash_attn": True,
+        "split_mode": split, "tensor_split": tensor_split,
         "devices": [dev for dev, _ in targets], "device_info": device_info,
         "bandwidth_gbs": bw, "bandwidth_source": bw_source, "bandwidth_by_device": bw_by_device,
         "backends": first.get("backends"), "cpu_info": first.get("cpu_info"), "gpu_info": first.get("gpu_info"),
@@ -758,6 +780,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     gpu.add_argument("--device", default=None, metavar="cpu,gpu",
                      help=f"run every format on each device given (cpu: -ngl 0, gpu: -ngl {GPU_NGL}): one "
                           "table and one plot, ratios to f16/q4_0 of the same device")
+    parser.add_argument("--split", choices=("none", "layer", "row"), default=None,
+                        help="several GPUs: how layers spread over them (llama-bench -sm; default llama-bench's, layer)")
+    parser.add_argument("--tensor-split", default=None, metavar="W,W,...",
+                        help="several GPUs: share of the layers per GPU (llama-bench -ts)")
     parser.add_argument("--bandwidth", type=float, default=None, metavar="GB/s",
                         help="memory bandwidth for the decode bound (bytes/token floor). Default: "
                              f"{DEFAULT_GPU_BANDWIDTH_GBS:g} (H100 SXM) with --gpu/-ngl > 0; none on CPU; "
@@ -776,6 +802,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _tensor_split_arg(text: Optional[str]) -> Optional[List[float]]:
+    try:
+        return None if text is None else checks.tensor_split_text(text)
+    except InvalidParameter as exc:
+        raise BenchError(str(exc)) from None
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``pyllm-kv bench`` with parsed ``args``; exit code 0, 1 if a format failed, 130 if interrupted."""
     ngl = GPU_NGL if args.gpu else (args.ngl if args.ngl is not None else 0)
@@ -783,7 +816,8 @@ def run_cli(args: argparse.Namespace) -> int:
         model=args.model, formats=args.formats, depths=args.depths, pp=args.pp, tg=args.tg, reps=args.reps,
         threads=args.threads, ngl=ngl, bandwidth_gbs=args.bandwidth, shape=args.shape,
         shape_type=args.shape_type, shape_dir=args.shape_dir, llama_bench=args.llama_bench,
-        timeout=args.timeout, progress=not args.no_progress, devices=args.device,
+        timeout=args.timeout, progress=not args.no_progress, devices=args.device, split=args.split,
+        tensor_split=_tensor_split_arg(args.tensor_split),
     )
     report_io.emit(result, format_table(result), args.json_out, args.plot_out, plot, "pyllm-kv bench")
     for run in result["runs"]:

@@ -86,6 +86,30 @@ def tensor_split(weights: Any) -> List[float]:
     return out
 
 
+def tensor_split_text(text: str) -> List[float]:
+    """--tensor-split "1,1" -> [1.0, 1.0] (then checked by tensor_split)."""
+    try:
+        return tensor_split([float(w) for w in text.split(",")])
+    except ValueError:
+        raise InvalidParameter(f"--tensor-split takes comma-separated numbers (e.g. 1,1), got {text!r}") from None
+
+
+#: llama.cpp's split modes (enum llama_split_mode), as llama-bench and llama-cli name them.
+SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+
+
+def split_mode(mode: Any) -> int:
+    """load(split_mode=) / --split: how offloaded layers spread over several GPUs:
+    "layer" (whole layers and their KV cache per GPU, llama.cpp's default), "row"
+    (weight rows across GPUs, KV on main_gpu) or "none" (everything on main_gpu);
+    llama-cpp-python's integer constants are accepted too."""
+    if isinstance(mode, str) and mode.strip().lower() in SPLIT_MODES:
+        return SPLIT_MODES[mode.strip().lower()]
+    if isinstance(mode, int) and not isinstance(mode, bool) and mode in SPLIT_MODES.values():
+        return mode
+    raise InvalidParameter(f"split_mode must be one of {', '.join(SPLIT_MODES)} (or 0, 1, 2), got {mode!r}")
+
+
 def kv_fits_in_memory(kv_bytes: float, n_ctx: int, what: str) -> None:
     """Refuse a CPU KV cache larger than the machine's RAM.
 

@@ -19,8 +19,8 @@ import importlib
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import formats, squat_options
-from .errors import InvalidParameter, PyllmKvError
+from . import checks, formats, squat_options
+from .errors import PyllmKvError
 
 PROG = "pyllm-kv"
 
@@ -59,6 +59,8 @@ def _model_options() -> argparse.ArgumentParser:
                    help="ggml-rpc-servers for the offloaded layers and their KV cache (docs/rpc.md)")
     g.add_argument("--tensor-split", metavar="W,W,...", default=None,
                    help="share of the offloaded layers per device: --rpc servers first, then local GPUs")
+    g.add_argument("--split", choices=("none", "layer", "row"), default="layer",
+                   help="how offloaded layers spread over several GPUs (llama.cpp's -sm; default layer)")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: llama.cpp's choice)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     squat_options.add_arguments(g)
@@ -124,17 +126,12 @@ def _load(args: argparse.Namespace) -> Any:
         args.model, cache_k=cache_k, cache_v=cache_v, flash_attn=not args.no_flash_attn,
         n_ctx=args.ctx, n_gpu_layers=args.ngl, n_threads=args.threads, seed=args.seed,
         verbose=args.verbose, squat=squat_options.from_args(args),
-        rpc_servers=args.rpc, tensor_split=_tensor_split(args.tensor_split),
+        rpc_servers=args.rpc, tensor_split=_tensor_split(args.tensor_split), split_mode=args.split,
     )
 
 
 def _tensor_split(text: Optional[str]) -> Optional[List[float]]:
-    if text is None:
-        return None
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise InvalidParameter(f"--tensor-split takes comma-separated numbers (e.g. 1,1), got {text!r}") from None
+    return None if text is None else checks.tensor_split_text(text)
 
 
 def _max_tokens(args: argparse.Namespace) -> Optional[int]:

@@ -381,6 +381,8 @@ def load(
     swa_full: bool = True,
     rpc_servers: "str | Sequence[str] | None" = None,
     tensor_split: Optional[Sequence[float]] = None,
+    split_mode: "str | int" = "layer",
+    main_gpu: int = 0,
 ) -> Model:
     """Load a GGUF model with a KV cache of the given formats.
 
@@ -398,6 +400,9 @@ def load(
     ``tensor_split`` (one weight per device, servers first; default: by free
     memory). A server that is unreachable or has another ggml type table raises
     RpcServerRefused.
+    ``split_mode``: how the offloaded layers spread over several GPUs, as in
+    llama.cpp: ``"layer"`` (default; each layer and its KV cache on one GPU),
+    ``"row"`` (weight rows across GPUs), ``"none"`` (all on ``main_gpu``).
     Everything that can be checked without llama.cpp is checked first.
     """
     if squat is not None and not isinstance(squat, SquatOptions):
@@ -412,6 +417,8 @@ def load(
             "layers to offload (n_gpu_layers, --ngl; -1 for all), the last ones go to the servers.")
     if tensor_split is not None:
         tensor_split = checks.tensor_split(tensor_split)
+    split_mode_id = checks.split_mode(split_mode)
+    checks.integer("main_gpu", main_gpu, 0, 15)
     path = default_model_path() if model is None else Path(model).expanduser()
     info = read_model_info(path)  # ModelNotFound / InvalidModelFile
     fk, fv = validate_config(info, cache_k, cache_v, flash_attn)
@@ -436,6 +443,8 @@ def load(
                 n_ctx=n_ctx,
                 n_gpu_layers=n_gpu_layers,
                 tensor_split=None if tensor_split is None else list(tensor_split),
+                split_mode=split_mode_id,
+                main_gpu=main_gpu,
                 n_batch=n_batch,
                 n_threads=n_threads,
                 # Prompt batches too: llama-cpp-python would otherwise use every core for them,

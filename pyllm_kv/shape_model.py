@@ -116,6 +116,10 @@ PRESETS: Dict[str, ShapeSpec] = {
     # Llama-3.1-8B's shape (GQA 32/8, head_dim 128, vocab 128256).
     "llama8b": ShapeSpec(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128,
                          n_ff=14336, n_vocab=128256, n_ctx_train=131072, name="llama8b-shape"),
+    # Llama-3.1-70B's shape (GQA 64/8, head_dim 128): ~40 GB in Q4_0, for two GPUs
+    # with --split layer (docs/multi-gpu.md).
+    "llama70b": ShapeSpec(n_layer=80, n_embd=8192, n_head=64, n_head_kv=8, head_dim=128,
+                          n_ff=28672, n_vocab=128256, n_ctx_train=131072, name="llama70b-shape"),
     # Small enough for a unit test on 2 cores (well under 1 MiB in Q4_0).
     "tiny": ShapeSpec(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64,
                       n_ff=512, n_vocab=512, n_ctx_train=4096, rope_freq_base=10000.0, name="tiny-shape"),

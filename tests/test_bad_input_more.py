@@ -291,3 +291,27 @@ def test_every_new_error_is_a_pyllm_kv_error():
         assert issubclass(cls, PyllmKvError)
     assert issubclass(StateMismatch, StateFileError)
     assert issubclass(InvalidParameter, ValueError) and issubclass(InvalidPrompt, ValueError)
+
+
+@pytest.mark.parametrize("mode", ["diagonal", "", 3, True, None])
+def test_split_mode_checked_before_llama(mode):
+    """load(split_mode=) names the valid modes (issue 19) before llama.cpp sees it."""
+    from pyllm_kv import checks
+    with pytest.raises(InvalidParameter, match="split_mode must be one of none, layer, row"):
+        checks.split_mode(mode)
+    assert checks.split_mode("Row") == 2 and checks.split_mode(1) == 1
+
+
+def test_split_mode_passes_through_load(model_path):
+    """On one device every split mode gives the same tokens (the mode only matters
+    with several GPUs); a bad main_gpu is refused by name."""
+    texts = []
+    for mode in ("layer", "row", "none"):
+        m = pyllm_kv.load(model_path, cache_k="kv4", cache_v="kv4", n_ctx=128, n_threads=1, split_mode=mode)
+        try:
+            texts.append(m.generate("The capital of France is", max_tokens=4, temperature=0))
+        finally:
+            m.close()
+    assert texts[0] == texts[1] == texts[2]
+    with pytest.raises(InvalidParameter, match="main_gpu"):
+        pyllm_kv.load(model_path, n_ctx=128, main_gpu=-1)

@@ -281,3 +281,23 @@ def test_cli_errors(capsys, tmp_path):
     err = capsys.readouterr().err
     assert rc == 2 and "model file not found" in err
     assert issubclass(bench.BenchError, PyllmKvError)
+
+
+def test_split_options_reach_llama_bench():
+    """Several GPUs (issue 19): --split/--tensor-split become llama-bench's -sm/-ts."""
+    cmd = bench.build_command("/b/llama-bench", "/m.gguf", "kv4", "kv4", [0], 512, 32, 2, ngl=99,
+                              split="row", tensor_split=[3.0, 1.0])
+    assert cmd[cmd.index("-sm") + 1] == "row" and cmd[cmd.index("-ts") + 1] == "3/1"
+    plain = bench.build_command("/b/llama-bench", "/m.gguf", "kv4", "kv4", [0], 512, 32, 2, ngl=99)
+    assert "-sm" not in plain and "-ts" not in plain
+    with pytest.raises(bench.BenchError, match="split"):
+        bench.run_bench(formats="kv4", split="diagonal", ngl=99)
+    with pytest.raises(bench.BenchError, match="tensor-split"):
+        bench._tensor_split_arg("1,x")
+
+
+def test_llama70b_preset_is_the_two_gpu_shape():
+    """docs/multi-gpu.md's 2-GPU run: Llama-3.1-70B's layout, ~40 GB of Q4_0 weights."""
+    spec = shape_model.PRESETS["llama70b"]
+    assert (spec.n_layer, spec.n_embd, spec.n_head, spec.n_head_kv, spec.head_dim) == (80, 8192, 64, 8, 128)
+    assert 38e9 < shape_model.weights_nbytes(spec, "q4_0") < 42e9

@@ -206,7 +206,8 @@ int squat_set_rows_d(const void * src, const void * idx, int idx_i64, const void
     const dim3 grid((unsigned) ((n_tok + SQ_NW - 1) / SQ_NW), (unsigned) n_head);
     auto kern = idx_i64 ? k_squat_set_rows<B, D, int64_t> : k_squat_set_rows<B, D, int32_t>;
     if (smem > 48 * 1024) {
-        const cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+        static bool raised[2][PKV_MAX_DEVICES] = {};   /* per idx type and device */
+        const cudaError_t e = raise_smem_limit(kern, (int) smem, raised[idx_i64 ? 1 : 0]);
         if (e != cudaSuccess) return (int) e;
     }
     return (int) pdl_launch(kern, grid, dim3(SQ_NW * 32), smem, stream, (const char *) src, (const char *) idx,

@@ -38,16 +38,39 @@ static __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+/* Per-device state. Function attributes (the dynamic shared-memory limit) and
+ * device properties belong to one device, and under llama.cpp's -sm layer/row our
+ * kernels run on every GPU of the host: whatever is cached is cached per device. */
+constexpr int PKV_MAX_DEVICES = 16;   /* GGML_CUDA_MAX_DEVICES */
+
+static inline int current_device() {
+    int dev = 0;
+    return cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < PKV_MAX_DEVICES ? dev : -1;
+}
+
+/* Raise a kernel's dynamic shared-memory limit to `bytes` on the current device,
+ * once per device (`done` is the caller's per-kernel static array). */
+template <typename Kernel>
+static inline cudaError_t raise_smem_limit(Kernel kernel, const int bytes, bool (&done)[PKV_MAX_DEVICES]) {
+    const int dev = current_device();
+    if (dev >= 0 && done[dev]) return cudaSuccess;
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e == cudaSuccess && dev >= 0) done[dev] = true;
+    return e;
+}
+
 static inline bool pdl_enabled() {
-    static int v = -1;
-    if (v < 0) {
+    static int v[PKV_MAX_DEVICES] = {};   /* 0 unknown, 1 on, 2 off */
+    const int dev = current_device();
+    if (dev < 0) return false;
+    if (v[dev] == 0) {
         const char * e = getenv("GGML_CUDA_PDL");
-        int dev = 0, major = 0;
-        const bool hopper = cudaGetDevice(&dev) == cudaSuccess &&
-                            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
-        v = (hopper && (e == nullptr || atoi(e) != 0)) ? 1 : 0;
+        int major = 0;
+        const bool hopper = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                            major >= 9;
+        v[dev] = (hopper && (e == nullptr || atoi(e) != 0)) ? 1 : 2;
     }
-    return v == 1;
+    return v[dev] == 1;
 }
 
 /* launch kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when enabled */

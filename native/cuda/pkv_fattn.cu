@@ -106,9 +106,9 @@ bool mma_applies(const pkv_cuda_fattn_params * p) {
 }
 
 int sm_count() {
-    static int cached[64] = {0};
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+    static int cached[PKV_MAX_DEVICES] = {0};
+    const int dev = current_device();
+    if (dev < 0) return 132;
     if (cached[dev] == 0) {
         int n = 0;
         if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 132;

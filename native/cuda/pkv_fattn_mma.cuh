@@ -456,13 +456,9 @@ __global__ void __launch_bounds__(FT, R == 4 ? 4 : 3) k_fattn_decode_mma(const f
 template <int KT, int VT, int D, int R>
 int fattn_mma_launch(const fa_kparams & kp, const int n_rowgroups, const int n_seq, cudaStream_t stream) {
     using LY = fm_layout<KT, VT, D, R>;
-    static bool attr_set = false;   /* per instance; same value for every device */
-    if (!attr_set) {
-        const cudaError_t e = cudaFuncSetAttribute(k_fattn_decode_mma<KT, VT, D, R>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int) LY::bytes);
-        if (e != cudaSuccess) return (int) e;
-        attr_set = true;
-    }
+    static bool attr_set[PKV_MAX_DEVICES] = {};   /* per instance and device */
+    const cudaError_t e = raise_smem_limit(k_fattn_decode_mma<KT, VT, D, R>, (int) LY::bytes, attr_set);
+    if (e != cudaSuccess) return (int) e;
     const dim3 grid((unsigned) (kp.n_head_kv * n_rowgroups), (unsigned) kp.n_chunks, (unsigned) n_seq);
     return (int) pdl_launch(k_fattn_decode_mma<KT, VT, D, R>, grid, dim3(FT), LY::bytes, stream, kp);
 }

@@ -625,28 +625,24 @@ __global__ void __launch_bounds__(NT, NS == 2 ? 4 : 3) k_fattn_decode3(const fa_
 
 template <int KT, int VT, int NS>
 static bool set_smem_attr() {
-    static bool done = false;   /* per instance; same value for every device */
-    if (!done) {
-        if (cudaFuncSetAttribute(k_fattn_decode3<KT, VT, NS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int) layout<KT, VT, NS>::bytes) != cudaSuccess) return false;
-        done = true;
-    }
-    return true;
+    static bool done[PKV_MAX_DEVICES] = {};   /* per instance and device */
+    return raise_smem_limit(k_fattn_decode3<KT, VT, NS>, (int) layout<KT, VT, NS>::bytes, done) == cudaSuccess;
 }
 
 template <int KT, int VT, int NS>
 int occupancy() {
-    static int occ = 0;
-    if (occ == 0) {
-        int n = 0;
-        if (!set_smem_attr<KT, VT, NS>() ||
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_fattn_decode3<KT, VT, NS>, NT, layout<KT, VT, NS>::bytes) != cudaSuccess) {
-            (void) cudaGetLastError();
-            return 2;
-        }
-        occ = n > 0 ? n : 1;
+    static int occ[PKV_MAX_DEVICES] = {};   /* per device: hosts may mix GPU kinds */
+    const int dev = current_device();
+    if (dev >= 0 && occ[dev] > 0) return occ[dev];
+    int n = 0;
+    if (!set_smem_attr<KT, VT, NS>() ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k_fattn_decode3<KT, VT, NS>, NT, layout<KT, VT, NS>::bytes) != cudaSuccess) {
+        (void) cudaGetLastError();
+        return 2;
     }
-    return occ;
+    n = n > 0 ? n : 1;
+    if (dev >= 0) occ[dev] = n;
+    return n;
 }
 
 template <int KT, int VT, int NS>

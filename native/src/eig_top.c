@@ -21,18 +21,39 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Householder tridiagonalisation of the symmetric n x n a (full storage, both
- * triangles read and updated). Step k maps a[k+1.., k] to (alpha, 0, ...):
- * H_k = I - beta_k v_k v_k^T with v_k stored in a[k+1.., k] (overwriting the
- * column) and beta_k in beta[k]. Output: diag[n], off[n-1]. */
+/* A dot product in four independent partial sums: the compiler may not
+ * reorder a single running sum, and one sum is a chain of dependent adds (the
+ * matrix-vector product below is most of the fit's time). */
+static double dot4(int m, const double * a, const double * b) {
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    int j = 0;
+    for (; j + 4 <= m; j += 4) {
+        s0 += a[j] * b[j];
+        s1 += a[j + 1] * b[j + 1];
+        s2 += a[j + 2] * b[j + 2];
+        s3 += a[j + 3] * b[j + 3];
+    }
+    double s = (s0 + s1) + (s2 + s3);
+    for (; j < m; j++) s += a[j] * b[j];
+    return s;
+}
+
+/* Householder tridiagonalisation of the symmetric n x n a (full storage in, only
+ * the upper triangle kept current: the trailing block is symmetric, so its
+ * product with v and its rank-2 update need one triangle, half the flops and
+ * memory traffic of the full matrix). Step k maps row k's a[k, k+1..] to
+ * (alpha, 0, ...): H_k = I - beta_k v_k v_k^T with v_k stored where it came
+ * from, row k right of the diagonal (no later step touches row k; contiguous
+ * for the back-transformation), and beta_k in beta[k]. Output: diag[n], off[n-1]. */
 static void tridiagonalise(int n, double * a, double * diag, double * off, double * beta,
                            double * p) {
     for (int k = 0; k < n - 2; k++) {
         const int m = n - k - 1;                   /* length of the reflected part */
-        double * x = p + n;                        /* scratch: the column below the diagonal */
+        double * x = p + n;                        /* scratch: row k right of the diagonal */
+        const double * ak = a + (size_t) k * n + (k + 1);
         double scale = 0.0;
         for (int i = 0; i < m; i++) {
-            x[i] = a[(size_t) (k + 1 + i) * n + k];
+            x[i] = ak[i];
             scale = fmax(scale, fabs(x[i]));
         }
         diag[k] = a[(size_t) k * n + k];
@@ -54,16 +75,22 @@ static void tridiagonalise(int n, double * a, double * diag, double * off, doubl
         const double b = 2.0 / vnorm2;
         off[k] = alpha * scale;
         beta[k] = b;
-        for (int i = 0; i < m; i++) a[(size_t) (k + 1 + i) * n + k] = x[i];
+        for (int i = 0; i < m; i++) a[(size_t) k * n + k + 1 + i] = x[i];
 
-        /* trailing block B (rows/cols k+1..): B := H B H
-         *   p = b B v, K = b/2 v^T p, q = p - K v, B -= v q^T + q v^T */
-        double vp = 0.0;
+        /* trailing block B (rows/cols k+1.., upper triangle): B := H B H
+         *   p = b B v, K = b/2 v^T p, q = p - K v, B -= v q^T + q v^T
+         * B v from the upper triangle: row i gives its own entry (i, j >= i)
+         * and, by symmetry, row j's entry for every j > i. */
+        for (int i = 0; i < m; i++) p[i] = 0.0;
         for (int i = 0; i < m; i++) {
             const double * bi = a + (size_t) (k + 1 + i) * n + (k + 1);
-            double s = 0.0;
-            for (int j = 0; j < m; j++) s += bi[j] * x[j];
-            p[i] = b * s;
+            const double xi = x[i];
+            p[i] += bi[i] * xi + dot4(m - i - 1, bi + i + 1, x + i + 1);
+            for (int j = i + 1; j < m; j++) p[j] += bi[j] * xi;
+        }
+        double vp = 0.0;
+        for (int i = 0; i < m; i++) {
+            p[i] *= b;
             vp += x[i] * p[i];
         }
         const double K = 0.5 * b * vp;
@@ -71,29 +98,34 @@ static void tridiagonalise(int n, double * a, double * diag, double * off, doubl
         for (int i = 0; i < m; i++) {
             double * bi = a + (size_t) (k + 1 + i) * n + (k + 1);
             const double xi = x[i], pi = p[i];
-            for (int j = 0; j < m; j++) bi[j] -= xi * p[j] + pi * x[j];
+            for (int j = i; j < m; j++) bi[j] -= xi * p[j] + pi * x[j];
         }
     }
     if (n >= 2) {
         diag[n - 2] = a[(size_t) (n - 2) * n + (n - 2)];
-        off[n - 2]  = a[(size_t) (n - 1) * n + (n - 2)];
+        off[n - 2]  = a[(size_t) (n - 2) * n + (n - 1)];
         beta[n - 2] = 0.0;
     }
     diag[n - 1] = a[(size_t) (n - 1) * n + (n - 1)];
 }
 
-/* Number of eigenvalues of T below x (Sturm count of the LDL^T pivots). */
-static int count_below(int n, const double * diag, const double * off2, double x, double pivmin) {
-    int c = 0;
-    double q = diag[0] - x;
-    if (fabs(q) < pivmin) q = -pivmin;
-    if (q < 0.0) c++;
-    for (int i = 1; i < n; i++) {
-        q = diag[i] - x - off2[i - 1] / q;
-        if (fabs(q) < pivmin) q = -pivmin;
-        if (q < 0.0) c++;
+/* Number of eigenvalues of T below x[g] (Sturm count of the LDL^T pivots), at
+ * four points at once: four independent recurrences. */
+static void count_below4(int n, const double * diag, const double * off2, const double * x, double pivmin,
+                         int * c) {
+    double q[4];
+    for (int g = 0; g < 4; g++) {
+        q[g] = diag[0] - x[g];
+        if (fabs(q[g]) < pivmin) q[g] = -pivmin;
+        c[g] = q[g] < 0.0;
     }
-    return c;
+    for (int i = 1; i < n; i++) {
+        for (int g = 0; g < 4; g++) {
+            q[g] = diag[i] - x[g] - off2[i - 1] / q[g];
+            if (fabs(q[g]) < pivmin) q[g] = -pivmin;
+            c[g] += q[g] < 0.0;
+        }
+    }
 }
 
 /* Solve (T - lambda I) y = b in place by Gaussian elimination with partial
@@ -201,15 +233,41 @@ int pkv_sym_eig_top(int n, const double * A, int r, double * evals, double * eve
     lo -= tol;
     hi += tol;
 
-    /* eigenvalue k (descending) = the (n-1-k)-th smallest: bisect on counts */
+    /* eigenvalue k (descending) = the (n-1-k)-th smallest: bisect on counts.
+     * Every Sturm count narrows the bracket of every wanted eigenvalue (a count
+     * c at x puts eigenvalue k above x when c <= n-1-k, else below), and four
+     * brackets are bisected at once: a count is a chain of dependent divisions,
+     * four independent chains keep the divider busy. */
+    double * blo = scratch, * bhi = scratch + n;   /* r <= n brackets (scratch: 6n) */
     for (int k = 0; k < r; k++) {
-        const int target = n - 1 - k;              /* want count_below(x) <= target < count_below(y) */
-        double x = lo, y = k > 0 ? evals[k - 1] + tol : hi;
-        for (int it = 0; it < 200 && y - x > tol + 2.0 * DBL_EPSILON * fmax(fabs(x), fabs(y)); it++) {
-            const double mid = 0.5 * (x + y);
-            if (count_below(n, diag, off2, mid, pivmin) <= target) x = mid; else y = mid;
+        blo[k] = lo;
+        bhi[k] = hi;
+    }
+    for (int k0 = 0; k0 < r; k0 += 4) {
+        const int kn = r - k0 < 4 ? r - k0 : 4;
+        for (int it = 0; it < 200; it++) {
+            double mid[4];
+            int open = 0;
+            for (int g = 0; g < 4; g++) {
+                const int k = k0 + (g < kn ? g : kn - 1);
+                const double x = blo[k], y = bhi[k];
+                if (g < kn && y - x > tol + 2.0 * DBL_EPSILON * fmax(fabs(x), fabs(y))) open = 1;
+                mid[g] = 0.5 * (x + y);
+            }
+            if (!open) break;
+            int cnt[4];
+            count_below4(n, diag, off2, mid, pivmin, cnt);
+            for (int g = 0; g < kn; g++) {
+                for (int k = k0; k < r; k++) {
+                    if (cnt[g] <= n - 1 - k) {
+                        if (mid[g] > blo[k]) blo[k] = mid[g];
+                    } else if (mid[g] < bhi[k]) {
+                        bhi[k] = mid[g];
+                    }
+                }
+            }
         }
-        evals[k] = 0.5 * (x + y);
+        for (int g = 0; g < kn; g++) evals[k0 + g] = 0.5 * (blo[k0 + g] + bhi[k0 + g]);
     }
 
     if (anorm == 0.0) {                               /* T = 0: any orthonormal basis */
@@ -255,9 +313,10 @@ int pkv_sym_eig_top(int n, const double * A, int r, double * evals, double * eve
             if (beta[j] == 0.0) continue;
             const int m = n - j - 1;
             double s = 0.0;
-            for (int i = 0; i < m; i++) s += a[(size_t) (j + 1 + i) * n + j] * y[j + 1 + i];
+            const double * v = a + (size_t) j * n + j + 1;   /* reflector j (tridiagonalise) */
+            for (int i = 0; i < m; i++) s += v[i] * y[j + 1 + i];
             s *= beta[j];
-            for (int i = 0; i < m; i++) y[j + 1 + i] -= s * a[(size_t) (j + 1 + i) * n + j];
+            for (int i = 0; i < m; i++) y[j + 1 + i] -= s * v[i];
         }
         int imax = 0;
         for (int i = 1; i < n; i++) {
