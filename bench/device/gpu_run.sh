@@ -10,6 +10,8 @@
 #       pkv-cuda-test (CUDA encoders vs the C reference) and test-backend-ops on
 #       CUDA0 vs the CPU for our types (SET_ROWS, GET_ROWS, CPY; FLASH_ATTN_EXT at
 #       head size 256 and a sample of the rest).
+#   (or carry [".carry9"]: the same from a build made here, bench/device/pack_prebuilt.sh;
+#    then `gpu_run.sh smol1` with carry [".carry1"] before `py`)
 #   bash bench/device/gpu_run.sh py        carry [".carry2"]
 #       SmolLM2 reassembled; pytest tests/test_gpu.py, test_rpc.py (layers on a CUDA
 #       ggml-rpc-server vs the local GPU) and the rest (Python API with every layer
@@ -34,6 +36,9 @@ B=/tmp/b
 M=/tmp/smollm2.gguf
 LOG=$OUT/log.txt
 export PIP_BREAK_SYSTEM_PACKAGES=1 PYLLM_KV_LIB_DIR=$B/bin PYLLM_KV_BIN_DIR=$B/bin PYTHONPATH=$SRC:$REPO
+# a prebuilt build (.carry9) finds libcudart/libcublas 13 in the machine's toolkit
+# (its RUNPATH names the dev machine's directories)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 # the machine's cmake and ninja may be pip shims: put the real binaries first on PATH
 for m in ninja cmake; do
   d=$(python3 -c "import os, $m; print(os.path.join(os.path.dirname($m.__file__), 'data', 'bin'))" 2>/dev/null)
@@ -42,16 +47,27 @@ done
 
 if [ "$STAGE" = build ]; then
   { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; nproc; python3 --version; } > $LOG 2>&1
-  mkdir -p /tmp/src && tar xzf .carry1/llama_cpp_python-0.3.36-trim.tgz -C /tmp/src
-  cp .carry1/smol.aa /tmp/
-  python3 -m pip install -q --no-index --find-links .carry1/wheels diskcache cffi gguf jinja2 tqdm \
-      typing-extensions pytest >> $LOG 2>&1
-  cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DPYLLM_KV_UPSTREAM_TESTS=ON -DPYLLM_KV_LLAMA_SRC=$SRC > /tmp/cfg.log 2>&1 || { tail -20 /tmp/cfg.log >> $LOG; exit 1; }
-  ( time ninja -C $B -j16 llama pyllm_kv_native llama-bench llama-perplexity llama-completion test-backend-ops pkv-cuda-test ggml-rpc-server ) > /tmp/build.log 2>&1
-  echo "build rc=$? at ${SECONDS}s" >> $LOG; tail -4 /tmp/build.log >> $LOG
-  grep -E "error" /tmp/build.log | head -10 >> $LOG
-  cp $B/native/libpyllm_kv_native.so $B/bin/ 2>> $LOG
+  if [ -f .carry9/cuda-prebuilt.tar.gz ]; then
+    # built on the dev machine (bench/device/pack_prebuilt.sh): no device minute spent compiling
+    mkdir -p $B /tmp/src && tar xzf .carry9/cuda-prebuilt.tar.gz -C $B && tar xzf .carry9/llama_cpp_py.tgz -C /tmp/src
+    python3 -m pip install -q --no-index --find-links .carry9/wheels diskcache cffi gguf jinja2 tqdm \
+        typing-extensions pytest >> $LOG 2>&1
+    ldd $B/bin/libggml-cuda.so | grep -E "not found|cublas|cudart" >> $LOG
+    read -r built_commit built_hash < .carry9/BUILD_INFO
+    now_hash=$(bash bench/device/sources_hash.sh)
+    echo "prebuilt build of $built_commit; sources $([ "$built_hash" = "$now_hash" ] && echo same || echo "CHANGED since (rebuild it)")" >> $LOG
+  else
+    mkdir -p /tmp/src && tar xzf .carry1/llama_cpp_python-0.3.36-trim.tgz -C /tmp/src
+    cp .carry1/smol.aa /tmp/
+    python3 -m pip install -q --no-index --find-links .carry1/wheels diskcache cffi gguf jinja2 tqdm \
+        typing-extensions pytest >> $LOG 2>&1
+    cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+      -DPYLLM_KV_UPSTREAM_TESTS=ON -DPYLLM_KV_LLAMA_SRC=$SRC > /tmp/cfg.log 2>&1 || { tail -20 /tmp/cfg.log >> $LOG; exit 1; }
+    ( time ninja -C $B -j16 llama pyllm_kv_native llama-bench llama-perplexity llama-completion test-backend-ops pkv-cuda-test ggml-rpc-server ) > /tmp/build.log 2>&1
+    echo "build rc=$? at ${SECONDS}s" >> $LOG; tail -4 /tmp/build.log >> $LOG
+    grep -E "error" /tmp/build.log | head -10 >> $LOG
+    cp $B/native/libpyllm_kv_native.so $B/bin/ 2>> $LOG
+  fi
   echo "libggml-cuda exports: $(nm -D --defined-only $B/bin/libggml-cuda.so | wc -l) symbols," \
        "$(nm -D --defined-only $B/bin/libggml-cuda.so | grep -v ' ggml_\| gguf_' | wc -l) outside ggml_/gguf_" >> $LOG
   timeout 120 $B/bin/pkv-cuda-test 20261207 > $OUT/pkv_cuda_test.log 2>&1
@@ -76,6 +92,9 @@ if [ "$STAGE" = build ]; then
   # then as much of the bench as fits (the py stage runs the rest)
   [ $((SECONDS + 90)) -lt "$LIMIT" ] && FORMATS=${FORMATS:-f16/f16 kv4/kv4 squat4/kv4 deco4/kv4 q4_0/q4_0} \
       GPU_RUN_LIMIT=$((LIMIT - SECONDS)) bash bench/device/gpu_run.sh bench-only
+elif [ "$STAGE" = smol1 ]; then
+  # after a prebuilt build (.carry9): the model's first part, carry [".carry1"]
+  cp .carry1/smol.aa /tmp/ && echo "smol.aa in /tmp" > $LOG
 elif [ "$STAGE" = py ]; then
   # the second part travels gzipped (the working tree plus it must stay under 64 MiB)
   { cat /tmp/smol.aa; if [ -f .carry2/smol.ab.gz ]; then zcat .carry2/smol.ab.gz; else cat .carry2/smol.ab; fi; } > $M
