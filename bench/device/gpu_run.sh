@@ -12,6 +12,7 @@
 #       head size 256 and a sample of the rest).
 #   (or carry [".carry9"]: the same from a build made here, bench/device/pack_prebuilt.sh;
 #    then `gpu_run.sh smol1` with carry [".carry1"] before `py`)
+#   bash bench/device/gpu_run.sh enc       carry [".carry7"]   (no build: pkv-cuda-test A/B of encoders)
 #   bash bench/device/gpu_run.sh py        carry [".carry2"]
 #       SmolLM2 reassembled; pytest tests/test_gpu.py, test_rpc.py (layers on a CUDA
 #       ggml-rpc-server vs the local GPU) and the rest (Python API with every layer
@@ -92,6 +93,18 @@ if [ "$STAGE" = build ]; then
   # then as much of the bench as fits (the py stage runs the rest)
   [ $((SECONDS + 90)) -lt "$LIMIT" ] && FORMATS=${FORMATS:-f16/f16 kv4/kv4 squat4/kv4 deco4/kv4 q4_0/q4_0} \
       GPU_RUN_LIMIT=$((LIMIT - SECONDS)) bash bench/device/gpu_run.sh bench-only
+elif [ "$STAGE" = enc ]; then
+  # CUDA encoder A/B with no build at all: carry [".carry7"] (pkv-cuda-test binaries built here with
+  # nvcc, e.g. one per branch, and the libpyllm_kv_native.so they link): correctness vs the C
+  # reference and us per launch, twice each
+  nvidia-smi --query-gpu=name --format=csv,noheader > $LOG
+  for b in .carry7/pkv-cuda-test*; do
+    for r in 1 2; do
+      echo "== $b run $r" >> $LOG
+      LD_LIBRARY_PATH=$PWD/.carry7:$LD_LIBRARY_PATH timeout 60 $b 20261207 2>&1 | grep -E "timing|passed|FAIL" >> $LOG
+    done
+  done
+  cat $LOG
 elif [ "$STAGE" = smol1 ]; then
   # after a prebuilt build (.carry9): the model's first part, carry [".carry1"]
   cp .carry1/smol.aa /tmp/ && echo "smol.aa in /tmp" > $LOG
