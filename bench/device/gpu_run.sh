@@ -39,7 +39,7 @@ LOG=$OUT/log.txt
 export PIP_BREAK_SYSTEM_PACKAGES=1 PYLLM_KV_LIB_DIR=$B/bin PYLLM_KV_BIN_DIR=$B/bin PYTHONPATH=$SRC:$REPO
 # a prebuilt build (.carry9) finds libcudart/libcublas 13 in the machine's toolkit
 # (its RUNPATH names the dev machine's directories)
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export LD_LIBRARY_PATH=$B/bin:/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 # the machine's cmake and ninja may be pip shims: put the real binaries first on PATH
 for m in ninja cmake; do
   d=$(python3 -c "import os, $m; print(os.path.join(os.path.dirname($m.__file__), 'data', 'bin'))" 2>/dev/null)

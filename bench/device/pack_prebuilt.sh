@@ -5,12 +5,15 @@
 #   cmake -S . -B /work/build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
 #     -DCMAKE_CUDA_ARCHITECTURES=90 -DPYLLM_KV_UPSTREAM_TESTS=ON -DGGML_NATIVE=OFF -DGGML_AVX2=ON \
 #     -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DCMAKE_{C,CXX,CUDA}_COMPILER_LAUNCHER=ccache \
-#     -DCUDA_cuda_driver_LIBRARY=<libcuda.so stub, SONAME libcuda.so.1> \
+#     -DCUDA_cuda_driver_LIBRARY=<stub>/libcuda.so (a stub with SONAME libcuda.so.1, and a libcuda.so.1 link
+#     beside it) -DCMAKE_{EXE,SHARED}_LINKER_FLAGS=-Wl,-rpath-link,<stub> \
 #     -DCUDA_cublas_LIBRARY=... -DCUDA_cublasLt_LIBRARY=... (nvidia-cublas wheel) -DCMAKE_{CUDA,CXX}_FLAGS=-I<its include>
 #   ninja -C /work/build-cuda llama pyllm_kv_native llama-bench llama-perplexity llama-completion \
 #     test-backend-ops pkv-cuda-test ggml-rpc-server
 #   bash bench/device/pack_prebuilt.sh /work/build-cuda     -> .carry9/ (git-ignored)
 #
+# First build here: ~30 min on 2 cores (ccache keeps later ones short); the pack is
+# ~50 MB (libggml-cuda 70 MB before gzip), under the 64 MiB a call carries with the tree.
 # .carry9 holds the libraries and tools (bin/), llama-cpp-python's Python layer, the
 # test wheels and BUILD_INFO (the commit and a hash of the sources the build used;
 # gpu_run.sh says so when the tree it runs in has other sources). The device needs
