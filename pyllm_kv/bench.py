@@ -483,10 +483,10 @@ def run_bench(
     pairs = parse_formats(formats)
     if split is not None:
         try:
-            checks.split_mode(split)
+            mode_id = checks.split_mode(split)
         except InvalidParameter as exc:
             raise BenchError(str(exc).replace("split_mode", "split (--split)")) from None
-        split = str(split).strip().lower()
+        split = next(name for name, i in checks.SPLIT_MODES.items() if i == mode_id)   # llama-bench's -sm name
     if tensor_split is not None:
         try:
             tensor_split = checks.tensor_split(tensor_split)
@@ -780,7 +780,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     gpu.add_argument("--device", default=None, metavar="cpu,gpu",
                      help=f"run every format on each device given (cpu: -ngl 0, gpu: -ngl {GPU_NGL}): one "
                           "table and one plot, ratios to f16/q4_0 of the same device")
-    parser.add_argument("--split", choices=("none", "layer", "row"), default=None,
+    parser.add_argument("--split", choices=tuple(checks.SPLIT_MODES), default=None,
                         help="several GPUs: how layers spread over them (llama-bench -sm; default llama-bench's, layer)")
     parser.add_argument("--tensor-split", default=None, metavar="W,W,...",
                         help="several GPUs: share of the layers per GPU (llama-bench -ts)")

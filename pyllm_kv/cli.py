@@ -59,7 +59,7 @@ def _model_options() -> argparse.ArgumentParser:
                    help="ggml-rpc-servers for the offloaded layers and their KV cache (docs/rpc.md)")
     g.add_argument("--tensor-split", metavar="W,W,...", default=None,
                    help="share of the offloaded layers per device: --rpc servers first, then local GPUs")
-    g.add_argument("--split", choices=("none", "layer", "row"), default="layer",
+    g.add_argument("--split", choices=tuple(checks.SPLIT_MODES), default="layer",
                    help="how offloaded layers spread over several GPUs (llama.cpp's -sm; default layer)")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: llama.cpp's choice)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
