@@ -194,7 +194,7 @@ elif [ "$STAGE" = bench ] || [ "$STAGE" = bench-only ]; then
     [ $((SECONDS + 60)) -lt "$LIMIT" ] || { echo "out of time before $kv" >> $LOG; break; }
     mkdir -p /tmp/bench; [ -f /tmp/bench/${k}_${v}.done ] && continue
     splits=$(timeout 60 $B/bin/llama-bench -v -m /tmp/shape.gguf -ngl 99 -fa 1 -ctk $k -ctv $v -p 0 -n 1 -r 1 2>&1 \
-             | grep -m1 -oE "graph splits = .*")
+             | grep -m1 -oE "graph[^:]*: nodes = [^,]*, splits = [^,]*")
     timeout 200 $B/bin/llama-bench -m /tmp/shape.gguf -ngl 99 -fa 1 -ctk $k -ctv $v -p ${PP:-2048} -n 64 -d $DEPTHS \
         -r ${REPS:-2} -o md > /tmp/bench/${k}_${v}.md 2> /tmp/bench/${k}_${v}.err
     rc=$?; echo "== $k/$v rc=$rc ($splits) at ${SECONDS}s" >> $LOG
