@@ -169,29 +169,39 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
         rinv[k] = (ujj > 0.0 && isfinite(ujj)) ? __drcp_rn(ujj) : 0.0;   /* 0: no error propagated */
     }
 
+    /* The serial chain of one step j is: lane o's code and error, the broadcast,
+     * lane o+1's update. Everything else is kept off it and branch-free so the
+     * compiler can overlap it: every lane computes the code and error of its own
+     * value (only lane o's are used), U[j][.] is read before the error is known,
+     * and the update is a select (err == 0 leaves w as the reference's skip does,
+     * also where U holds inf). */
 #pragma unroll
     for (int b = 0; b < NB; b++) {
         const block_params p = block_params_warp<B>(sanitize((float) w[2 * b]), sanitize((float) w[2 * b + 1]), lane);
+        const double pm = (double) p.m, pd = (double) p.d;
         uint32_t c[2] = { 0, 0 };
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
+            const int slot = 2 * b + hh;
 #pragma unroll
             for (int o = 0; o < 32; o++) {              /* value j of the head, owned by lane o */
                 const int j = PKV_BLOCK * b + 32 * hh + o;
                 const __half * urow = su + (j * D - j * (j - 1) / 2) - j;   /* urow[c] = U[j][c], c >= j */
-                double err = 0.0;
-                if (lane == o) {
-                    const uint32_t code = code_of<B>(sanitize((float) w[2 * b + hh]), p);
-                    c[hh] = code;
-                    const double qv = __dadd_rn((double) p.m, __dmul_rn((double) p.d, (double) code));
-                    err = __dmul_rn(__dsub_rn(w[2 * b + hh], qv), rinv[2 * b + hh]);
-                }
-                err = __shfl_sync(0xffffffffu, err, o);
-                if (err == 0.0) continue;               /* warp-uniform */
+                double u[2 * NB];
 #pragma unroll
-                for (int k = 2 * b + hh; k < 2 * NB; k++) {  /* earlier slots hold only values < j */
+                for (int k = slot; k < 2 * NB; k++) {
                     const int cidx = 32 * k + lane;
-                    if (cidx > j) w[k] = fma(-err, (double) __half2float(urow[cidx]), w[k]);
+                    u[k] = cidx > j ? (double) __half2float(urow[cidx]) : 0.0;
+                }
+                const uint32_t code = code_of<B>(sanitize((float) w[slot]), p);
+                const double qv = __dadd_rn(pm, __dmul_rn(pd, (double) code));
+                const double mine = __dmul_rn(__dsub_rn(w[slot], qv), rinv[slot]);
+                c[hh] = lane == o ? code : c[hh];
+                const double err = __shfl_sync(0xffffffffu, mine, o);
+#pragma unroll
+                for (int k = slot; k < 2 * NB; k++) {   /* earlier slots hold only values < j */
+                    const int cidx = 32 * k + lane;
+                    w[k] = (err != 0.0 && cidx > j) ? fma(-err, u[k], w[k]) : w[k];
                 }
             }
         }
