@@ -183,7 +183,12 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
             const int slot = 2 * b + hh;
-#pragma unroll
+            /* Not fully unrolled: 128 unrolled steps (D = 128) are ~80 KB of straight
+             * code that one warp runs once, so every step missed the instruction
+             * cache (ncu, which flushes the caches: 72 us per launch; back to back:
+             * 30 us). Rolled by 4 the loop body stays cached; w[] is still indexed
+             * by compile-time slots only. */
+#pragma unroll 4
             for (int o = 0; o < 32; o++) {              /* value j of the head, owned by lane o */
                 const int j = PKV_BLOCK * b + 32 * hh + o;
                 const __half * urow = su + (j * D - j * (j - 1) / 2) - j;   /* urow[c] = U[j][c], c >= j */
