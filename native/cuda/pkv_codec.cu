@@ -145,7 +145,19 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
     const int h = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const __half * uh = (const __half *) Up + (size_t) h * squat_packed_len(D);
-    for (int i = threadIdx.x; i < squat_packed_len(D); i += blockDim.x) su[i] = uh[i];
+    /* Staged in 16-byte pieces, eight in flight per thread: element by element,
+     * one load after another, this copy was most of a decode launch (ncu, cold
+     * L2: 54 us at D = 128, of which the 128 OBS steps are a fraction). */
+    constexpr int PL = squat_packed_len(D);
+    static_assert(PL % 8 == 0, "U's packed triangle is whole 16-byte pieces for D = 64, 128, 256");
+    if ((((uintptr_t) uh) & 15) == 0) {
+        const uint4 * u4 = (const uint4 *) uh;
+        uint4 * s4 = (uint4 *) su;
+#pragma unroll 8
+        for (int i = threadIdx.x; i < PL / 8; i += SQ_NW * 32) s4[i] = u4[i];
+    } else {
+        for (int i = threadIdx.x; i < PL; i += SQ_NW * 32) su[i] = uh[i];
+    }
     pdl_wait();                                     /* the rows come from the kernel just before */
     pdl_trigger();
     __syncthreads();
