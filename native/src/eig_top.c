@@ -21,21 +21,53 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A dot product in four independent partial sums: the compiler may not
- * reorder a single running sum, and one sum is a chain of dependent adds (the
- * matrix-vector product below is most of the fit's time). */
-static double dot4(int m, const double * a, const double * b) {
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-    int j = 0;
-    for (; j + 4 <= m; j += 4) {
-        s0 += a[j] * b[j];
-        s1 += a[j + 1] * b[j + 1];
-        s2 += a[j + 2] * b[j + 2];
-        s3 += a[j + 3] * b[j + 3];
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PKV_EIG_AVX2 1
+#endif
+
+/* The two passes over one row of the trailing block (most of the fit's time,
+ * AVX2 where the build has it; the row starts at any offset, so unaligned).
+ *   sym_row_product: returns sum_{j<len} b[j] x[j] and adds b[j] xi to p[j]
+ *     for j >= 1 (row i's entries right of the diagonal stand in for column i);
+ *   rank2_row: b[j] -= xi q[j] + qi x[j]. */
+static double sym_row_product(int len, const double * b, const double * x, double xi, double * p) {
+    double s = b[0] * x[0];
+    int j = 1;
+#ifdef PKV_EIG_AVX2
+    __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+    const __m256d vxi = _mm256_set1_pd(xi);
+    for (; j + 8 <= len; j += 8) {
+        const __m256d b0 = _mm256_loadu_pd(b + j), b1 = _mm256_loadu_pd(b + j + 4);
+        acc0 = _mm256_fmadd_pd(b0, _mm256_loadu_pd(x + j), acc0);
+        acc1 = _mm256_fmadd_pd(b1, _mm256_loadu_pd(x + j + 4), acc1);
+        _mm256_storeu_pd(p + j,     _mm256_fmadd_pd(b0, vxi, _mm256_loadu_pd(p + j)));
+        _mm256_storeu_pd(p + j + 4, _mm256_fmadd_pd(b1, vxi, _mm256_loadu_pd(p + j + 4)));
     }
-    double s = (s0 + s1) + (s2 + s3);
-    for (; j < m; j++) s += a[j] * b[j];
-    return s;
+    acc0 = _mm256_add_pd(acc0, acc1);
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(acc0), _mm256_extractf128_pd(acc0, 1));
+    s += _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+#endif
+    double t = 0.0;
+    for (; j < len; j++) {
+        t += b[j] * x[j];
+        p[j] += b[j] * xi;
+    }
+    return s + t;
+}
+
+static void rank2_row(int len, double * b, const double * x, const double * q, double xi, double qi) {
+    int j = 0;
+#ifdef PKV_EIG_AVX2
+    const __m256d vxi = _mm256_set1_pd(xi), vqi = _mm256_set1_pd(qi);
+    for (; j + 4 <= len; j += 4) {
+        __m256d v = _mm256_loadu_pd(b + j);
+        v = _mm256_fnmadd_pd(vxi, _mm256_loadu_pd(q + j), v);
+        v = _mm256_fnmadd_pd(vqi, _mm256_loadu_pd(x + j), v);
+        _mm256_storeu_pd(b + j, v);
+    }
+#endif
+    for (; j < len; j++) b[j] -= xi * q[j] + qi * x[j];
 }
 
 /* Householder tridiagonalisation of the symmetric n x n a (full storage in, only
@@ -84,9 +116,7 @@ static void tridiagonalise(int n, double * a, double * diag, double * off, doubl
         for (int i = 0; i < m; i++) p[i] = 0.0;
         for (int i = 0; i < m; i++) {
             const double * bi = a + (size_t) (k + 1 + i) * n + (k + 1);
-            const double xi = x[i];
-            p[i] += bi[i] * xi + dot4(m - i - 1, bi + i + 1, x + i + 1);
-            for (int j = i + 1; j < m; j++) p[j] += bi[j] * xi;
+            p[i] += sym_row_product(m - i, bi + i, x + i, x[i], p + i);
         }
         double vp = 0.0;
         for (int i = 0; i < m; i++) {
@@ -97,8 +127,7 @@ static void tridiagonalise(int n, double * a, double * diag, double * off, doubl
         for (int i = 0; i < m; i++) p[i] -= K * x[i];
         for (int i = 0; i < m; i++) {
             double * bi = a + (size_t) (k + 1 + i) * n + (k + 1);
-            const double xi = x[i], pi = p[i];
-            for (int j = i; j < m; j++) bi[j] -= xi * p[j] + pi * x[j];
+            rank2_row(m - i, bi + i, x + i, p + i, x[i], p[i]);
         }
     }
     if (n >= 2) {
