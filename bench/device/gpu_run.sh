@@ -21,6 +21,8 @@
 #       upstream's Hadamard rotation (llama-perplexity, LLAMA_ATTN_ROT_DISABLE).
 #   bash bench/device/gpu_run.sh gemma     carry [".carry3"] .. [".carry6"], [".carry8"], one per call (warm)
 #       Gemma-3-270M reassembled in /tmp, then pyllm-kv eval on the GPU (ctx 512, 2048).
+#   bash bench/device/gpu_run.sh fit       (no carry; after build)
+#       squat4's depth-0 prefill: pp2048 of kv4 and squat4 with every SQuat head fit timed.
 #   bash bench/device/gpu_run.sh prof      (no carry; after build)
 #       decode tg32 at one depth with CUDA graphs on/off, nsys kernel/API sums.
 #   bash bench/device/gpu_run.sh bench     (no carry)
@@ -151,6 +153,21 @@ elif [ "$STAGE" = gemma ]; then
       echo "gemma GPU eval ctx $ctx rc=$? at ${SECONDS}s" >> $LOG; tail -14 $OUT/gemma_gpu_ctx$ctx.txt >> $LOG
     done
   fi
+  cat $LOG
+elif [ "$STAGE" = fit ]; then
+  # Where squat4's depth-0 prefill goes (no carry; after build): pp2048 of kv4 and
+  # squat4 with every SQuat head fit timed (PYLLM_KV_FIT_TRACE=1, one line per head):
+  # the fits' arithmetic against the prefill's extra time over kv4.
+  [ -f /tmp/shape.gguf ] || python3 bench/make_shape_model.py --preset ${SHAPE:-llama8b} --out /tmp/shape.gguf > /tmp/shape.log 2>&1
+  for kv in kv4/kv4 squat4/kv4; do
+    k=${kv%/*}; v=${kv#*/}
+    PYLLM_KV_FIT_TRACE=1 timeout 120 $B/bin/llama-bench -m /tmp/shape.gguf -ngl 99 -fa 1 -ctk $k -ctv $v \
+        -p 2048 -n 0 -r 3 -o md > /tmp/fit_$k.md 2> /tmp/fit_$k.err
+    echo "== $kv: $(grep pp2048 /tmp/fit_$k.md)" >> $LOG
+    grep "pyllm-kv fit" /tmp/fit_$k.err > $OUT/fit_trace_$k.txt
+    awk '{n++; s+=$(NF-1); if ($(NF-1) > mx) mx = $(NF-1)} END {if (n) printf "   %d head fits (warm-up + 3 reps), %.1f ms in all, max %.3f ms\n", n, s, mx}' \
+        $OUT/fit_trace_$k.txt >> $LOG
+  done
   cat $LOG
 elif [ "$STAGE" = prof ]; then
   # Where decode time goes, per K/V pair at depth $PROF_DEPTH: tg32 with CUDA

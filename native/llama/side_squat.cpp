@@ -14,6 +14,9 @@
 #include "pkv/ggml_hooks.h"
 #include "pkv/sidestate.h"
 
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -215,12 +218,24 @@ private:
         fit_heads(dst, ith, nth, static_cast<squat_slot *>(userdata), true);
     }
 
+    // PYLLM_KV_FIT_TRACE=1: one stderr line per fitted head (layer, head, thread,
+    // milliseconds), to tell the fit's arithmetic from the rest of a fit graph's
+    // cost (on a GPU: the copies and synchronisations around this CPU op).
+    static bool fit_trace() {
+        static const bool on = [] {
+            const char * e = std::getenv("PYLLM_KV_FIT_TRACE");
+            return e != nullptr && *e != '\0' && *e != '0';
+        }();
+        return on;
+    }
+
     static void fit_heads(ggml_tensor * dst, int ith, int nth, squat_slot * self, bool refit) {
         const ggml_tensor * gram = dst->src[0];
         const int d = self->d;
         for (int h = ith; h < self->n_head; h += nth) {
             uint16_t * Uh = self->U.data() + (size_t) h * self->packed();
             if (refit || !self->head_fitted[h]) {
+                const auto t0 = std::chrono::steady_clock::now();
                 std::vector<float> C((size_t) d * d);
                 for (int i = 0; i < d; ++i) {
                     memcpy(C.data() + (size_t) i * d, (const char *) gram->data + h * gram->nb[2] + i * gram->nb[1],
@@ -233,6 +248,11 @@ private:
                 pkv_squat_pack(Ud.data(), d, Uh);
                 self->head_fitted[h] = 1;
                 bump_epoch();
+                if (fit_trace()) {
+                    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+                    std::fprintf(stderr, "pyllm-kv fit: SQuat layer %d head %d (thread %d of %d, %lld rows): %.3f ms\n",
+                                 self->sh.il, h, ith, nth, (long long) self->fit_rows, ms);
+                }
             }
             memcpy((char *) dst->data + (size_t) h * dst->nb[1], Uh, self->packed() * sizeof(uint16_t));
         }
