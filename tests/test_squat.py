@@ -205,3 +205,31 @@ def test_side_state_is_reported(load):
     # fp16 upper triangles of U, and the keys' float32 center row (centering "auto")
     assert rep["side_state_bytes"] == info.n_layer * info.n_head_kv * (d * (d + 1) + 4 * d)
     assert formats.resolve("squat4").bits == formats.resolve("kv4").bits == 4.5
+
+
+def test_fit_trace_prints_one_line_per_fitted_head():
+    """PYLLM_KV_FIT_TRACE=1 (docs/squat.md "Fit cost"): each KV head of each layer
+    is fitted once, on the first prompt, and not again while decoding."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    child = ("import pyllm_kv, sys\n"
+             "m = pyllm_kv.load(cache_k='squat4', cache_v='kv4', n_ctx=256)\n"
+             "print(m.info.n_layer, m.info.n_head_kv)\n"
+             "m.prefill('The lighthouse keeper climbed the stairs every evening.')\n"
+             "sys.stderr.write('PROMPT-DONE\\n'); sys.stderr.flush()\n"
+             "m.resume(max_tokens=3)\n")
+    env = dict(os.environ, PYLLM_KV_FIT_TRACE="1")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    n_layer, n_head_kv = map(int, out.stdout.split()[:2])
+    before, marker, after = out.stderr.partition("PROMPT-DONE")
+    assert marker
+    fits = re.findall(r"pyllm-kv fit: SQuat layer (\d+) head (\d+) \(thread \d+ of \d+, (\d+) rows\): ([0-9.]+) ms",
+                      before)
+    assert sorted((int(l), int(h)) for l, h, _, _ in fits) == \
+        [(l, h) for l in range(n_layer) for h in range(n_head_kv)]
+    assert all(int(rows) > 0 and float(ms) >= 0.0 for _, _, rows, ms in fits)
+    assert "pyllm-kv fit" not in after
