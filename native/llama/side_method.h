@@ -43,6 +43,10 @@ struct side_settings {
     // the last U). Safe at any time: U only steers how new keys are encoded,
     // stored blocks are plain kv blocks that attention reads without it.
     bool  squat_refit_ubatch = false;
+    // PYLLM_KV_FIT_TRACE=1: one stderr line per fitted head (layer, head, thread,
+    // rows, milliseconds), to tell the fit's arithmetic from the rest of a fit
+    // graph's cost (on a GPU: the copies and synchronisations around the CPU op).
+    bool  squat_fit_trace = false;
     // Centering (PYLLM_KV_CENTER): subtract the prompt's center row from K
     // and/or V rows of our types before they are stored. "auto" (default): the
     // keys of squat* types (measured: docs/quality.md); "none", "k", "v", "kv":

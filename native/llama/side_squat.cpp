@@ -16,7 +16,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -218,17 +217,6 @@ private:
         fit_heads(dst, ith, nth, static_cast<squat_slot *>(userdata), true);
     }
 
-    // PYLLM_KV_FIT_TRACE=1: one stderr line per fitted head (layer, head, thread,
-    // milliseconds), to tell the fit's arithmetic from the rest of a fit graph's
-    // cost (on a GPU: the copies and synchronisations around this CPU op).
-    static bool fit_trace() {
-        static const bool on = [] {
-            const char * e = std::getenv("PYLLM_KV_FIT_TRACE");
-            return e != nullptr && *e != '\0' && *e != '0';
-        }();
-        return on;
-    }
-
     static void fit_heads(ggml_tensor * dst, int ith, int nth, squat_slot * self, bool refit) {
         const ggml_tensor * gram = dst->src[0];
         const int d = self->d;
@@ -248,7 +236,7 @@ private:
                 pkv_squat_pack(Ud.data(), d, Uh);
                 self->head_fitted[h] = 1;
                 bump_epoch();
-                if (fit_trace()) {
+                if (self->st.squat_fit_trace) {   // PYLLM_KV_FIT_TRACE (side_method.h)
                     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
                     std::fprintf(stderr, "pyllm-kv fit: SQuat layer %d head %d (thread %d of %d, %lld rows): %.3f ms\n",
                                  self->sh.il, h, ith, nth, (long long) self->fit_rows, ms);

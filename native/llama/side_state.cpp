@@ -101,6 +101,7 @@ pkv::side_settings read_settings(bool squat) {
             throw std::runtime_error("pyllm-kv: PYLLM_KV_SQUAT_REFIT must be 'first' or 'ubatch', got '" + rf + "'");
         }
         st.squat_refit_ubatch = rf == "ubatch";
+        st.squat_fit_trace    = env_bool("PYLLM_KV_FIT_TRACE", "0");
     }
     const std::string gs = env_str("PYLLM_KV_DECO_GROUP", "16");
     if (gs != "16" && gs != "32" && gs != "64") {
