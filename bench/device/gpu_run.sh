@@ -34,14 +34,9 @@ set -x
 STAGE=${1:?build, py or bench}
 LIMIT=${GPU_RUN_LIMIT:-585}
 REPO=$PWD
-SRC=/tmp/src/llama_cpp_python-0.3.36
-B=/tmp/b
 M=/tmp/smollm2.gguf
 LOG=$OUT/log.txt
-export PIP_BREAK_SYSTEM_PACKAGES=1 PYLLM_KV_LIB_DIR=$B/bin PYLLM_KV_BIN_DIR=$B/bin PYTHONPATH=$SRC:$REPO
-# a prebuilt build (.carry9) finds libcudart/libcublas 13 in the machine's toolkit
-# (its RUNPATH names the dev machine's directories)
-export LD_LIBRARY_PATH=$B/bin:/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+. "$REPO/bench/device/device_env.sh"   # B, SRC and the library paths
 # the machine's cmake and ninja may be pip shims: put the real binaries first on PATH
 for m in ninja cmake; do
   d=$(python3 -c "import os, $m; print(os.path.join(os.path.dirname($m.__file__), 'data', 'bin'))" 2>/dev/null)

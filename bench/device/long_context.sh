@@ -58,12 +58,8 @@ if [ "$STAGE" = split ]; then
   exit 0
 fi
 
-B=/tmp/b
-SRC=/tmp/src/llama_cpp_python-0.3.36
 Q=/tmp/qwen.gguf
-export PIP_BREAK_SYSTEM_PACKAGES=1 PYLLM_KV_LIB_DIR=$B/bin PYLLM_KV_BIN_DIR=$B/bin PYTHONPATH=$SRC:$REPO
-# the prebuilt build's RUNPATH names the dev machine's directories (as in gpu_run.sh)
-export LD_LIBRARY_PATH=$B/bin:/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+. "$REPO/bench/device/device_env.sh"   # B, SRC and the library paths (as gpu_run.sh)
 
 if [ "$STAGE" = stage ]; then
   mkdir -p /tmp/qwen-parts
