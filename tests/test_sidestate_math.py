@@ -393,7 +393,10 @@ def squat_prepare_ref(q, d, r, lam, normalize):
 
 
 @pytest.mark.parametrize("d,r,n_q,normalize", [(64, 8, 256, 1), (128, 20, 512, 1), (128, 16, 10, 1),
-                                               (64, 100, 300, 1), (64, 8, 256, 0)])
+                                               (64, 100, 300, 1), (64, 8, 256, 0),
+                                               # fewer rows than d: the n_q x n_q path
+                                               (128, 20, 1, 1), (128, 20, 4, 1), (64, 8, 63, 1),
+                                               (256, 20, 160, 1), (128, 20, 12, 0)])
 def test_squat_prepare_matches_reference(d, r, n_q, normalize):
     rng = np.random.default_rng()
     q = low_rank_queries(rng, n_q, d, min(r, 20))

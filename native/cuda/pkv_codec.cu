@@ -129,26 +129,33 @@ __global__ void k_set_rows(const char * src, const char * idx, char * dst,     /
  * value by value the code, its error divided by U[j][j], and the OBS update
  * w[c] -= err * U[j][c] of every later value of the head. The update chain is
  * serial in j, so one warp encodes one (token, head) row with the values in
- * registers as doubles (lane l: values 64 b + l and 64 b + 32 + l of block b),
- * the owning lane computes each code and broadcasts the error. One CTA per
- * head and group of SQ_NW tokens: the head's U (upper triangle, fp16, as the
- * host side state keeps it: pkv_squat_pack) is staged in shared memory once. */
+ * registers as doubles (lane l: values 64 b + l and 64 b + 32 + l of block b).
+ * One CTA per head and group of SQ_NW tokens: the head's U (upper triangle,
+ * fp16, as the host side state keeps it: pkv_squat_pack) and the reciprocals
+ * of its diagonal are staged in shared memory once. */
 constexpr int SQ_NW = 4;
 
 static __host__ __device__ constexpr int squat_packed_len(int D) { return D * (D + 1) / 2; }
 
+/* shared memory of one CTA: U's packed triangle (fp16), then 1/U[j][j] (double) */
+static __host__ __device__ constexpr size_t squat_smem_bytes(int D) {
+    return ((size_t) squat_packed_len(D) * sizeof(__half) + 7) / 8 * 8 + (size_t) D * sizeof(double);
+}
+
 template <int B, int D, typename idx_t>
 __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src, const char * idx, char * dst,
-        const uint16_t * Up, const int64_t n_tok, const size_t nb01, const size_t nb10, const size_t nb1) {
+        const uint16_t * Up, const float * mu, const int64_t n_tok, const size_t nb01, const size_t nb10, const size_t nb1) {
     constexpr int NB = D / PKV_BLOCK;               /* blocks per head row */
-    extern __shared__ __half su[];                  /* squat_packed_len(D) */
+    constexpr int PL = squat_packed_len(D);
+    extern __shared__ __align__(16) unsigned char sq_smem[];
+    __half * su = (__half *) sq_smem;               /* PL values */
+    double * rinv = (double *) (sq_smem + (PL * sizeof(__half) + 7) / 8 * 8);   /* D values */
     const int h = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const __half * uh = (const __half *) Up + (size_t) h * squat_packed_len(D);
+    const __half * uh = (const __half *) Up + (size_t) h * PL;
     /* Staged in 16-byte pieces, eight in flight per thread: element by element,
      * one load after another, this copy was most of a decode launch (ncu, cold
      * L2: 54 us at D = 128, of which the 128 OBS steps are a fraction). */
-    constexpr int PL = squat_packed_len(D);
     static_assert(PL % 8 == 0, "U's packed triangle is whole 16-byte pieces for D = 64, 128, 256");
     if ((((uintptr_t) uh) & 15) == 0) {
         const uint4 * u4 = (const uint4 *) uh;
@@ -158,35 +165,41 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
     } else {
         for (int i = threadIdx.x; i < PL; i += SQ_NW * 32) su[i] = uh[i];
     }
+    __syncthreads();
+    /* 1/U[j][j], off the serial chain below (the C reference multiplies by the
+     * same correctly rounded reciprocal; 0: no error propagated) */
+    for (int j = threadIdx.x; j < D; j += SQ_NW * 32) {
+        const double ujj = (double) __half2float(su[j * D - j * (j - 1) / 2]);
+        rinv[j] = (ujj > 0.0 && isfinite(ujj)) ? __drcp_rn(ujj) : 0.0;
+    }
     pdl_wait();                                     /* the rows come from the kernel just before */
     pdl_trigger();
     __syncthreads();
     const int64_t t = (int64_t) blockIdx.x * SQ_NW + warp;
-    if (t >= n_tok) return;                         /* whole warps, after the only barrier */
+    if (t >= n_tok) return;                         /* whole warps, after the only barriers */
 
     const float * x = (const float *) (src + t * nb01) + (size_t) h * D;
+    /* the key's center row (centering side state, side_center.cpp) subtracted
+     * here instead of by a graph op: the float subtraction ggml_sub does */
+    const float * muh = mu ? mu + (size_t) h * D : nullptr;
     double w[2 * NB];
 #pragma unroll
-    for (int k = 0; k < 2 * NB; k++) w[k] = (double) sanitize(x[32 * k + lane]);
+    for (int k = 0; k < 2 * NB; k++) {
+        const float xv = x[32 * k + lane];
+        w[k] = (double) sanitize(muh ? __fsub_rn(xv, muh[32 * k + lane]) : xv);
+    }
     const int64_t row = (int64_t) *(const idx_t *) (idx + t * nb10);
     uint8_t * out = (uint8_t *) (dst + row * nb1) + (size_t) h * NB * fmt<B>::bytes;
 
-    /* 1/U[j][j] of the value each lane owns, off the serial chain below
-     * (the C reference multiplies by the same correctly rounded reciprocal) */
-    double rinv[2 * NB];
-#pragma unroll
-    for (int k = 0; k < 2 * NB; k++) {
-        const int j = 32 * k + lane;
-        const double ujj = (double) __half2float(su[j * D - j * (j - 1) / 2]);
-        rinv[k] = (ujj > 0.0 && isfinite(ujj)) ? __drcp_rn(ujj) : 0.0;   /* 0: no error propagated */
-    }
-
-    /* The serial chain of one step j is: lane o's code and error, the broadcast,
-     * lane o+1's update. Everything else is kept off it and branch-free so the
-     * compiler can overlap it: every lane computes the code and error of its own
-     * value (only lane o's are used), U[j][.] is read before the error is known,
-     * and the update is a select (err == 0 leaves w as the reference's skip does,
-     * also where U holds inf). */
+    /* The serial chain of step j is only: value j -> its code -> its error ->
+     * value j+1 (one fma). Every lane runs it redundantly on `wj`, the current
+     * value of column j, so no shuffle sits on it: value j+1 before this step's
+     * update is fetched from its owner lane while the code is computed, and
+     * updated with the same fma the owner applies to its own copy (bit-identical
+     * to the owner's value, hence to the reference). Off the chain, each lane
+     * updates the later values it owns (a select: err == 0 leaves w as the
+     * reference's skip does, also where U holds inf); U[j][.] is read before
+     * the error is known. */
 #pragma unroll
     for (int b = 0; b < NB; b++) {
         const block_params p = block_params_warp<B>(sanitize((float) w[2 * b]), sanitize((float) w[2 * b + 1]), lane);
@@ -195,6 +208,7 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
             const int slot = 2 * b + hh;
+            double wj = __shfl_sync(0xffffffffu, w[slot], 0);   /* column 32 slot, fully updated */
             /* Not fully unrolled: 128 unrolled steps (D = 128) are ~80 KB of straight
              * code that one warp runs once, so every step missed the instruction
              * cache (ncu, which flushes the caches: 72 us per launch; back to back:
@@ -210,11 +224,13 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
                     const int cidx = 32 * k + lane;
                     u[k] = cidx > j ? (double) __half2float(urow[cidx]) : 0.0;
                 }
-                const uint32_t code = code_of<B>(sanitize((float) w[slot]), p);
+                const double ynext = __shfl_sync(0xffffffffu, w[slot], (o + 1) & 31);   /* column j+1 (o < 31) */
+                const double unext = o < 31 ? (double) __half2float(urow[j + 1]) : 0.0;
+                const uint32_t code = code_of<B>(sanitize((float) wj), p);
                 const double qv = __dadd_rn(pm, __dmul_rn(pd, (double) code));
-                const double mine = __dmul_rn(__dsub_rn(w[slot], qv), rinv[slot]);
+                const double err = __dmul_rn(__dsub_rn(wj, qv), rinv[j]);
                 c[hh] = lane == o ? code : c[hh];
-                const double err = __shfl_sync(0xffffffffu, mine, o);
+                wj = err != 0.0 ? fma(-err, unext, ynext) : ynext;
 #pragma unroll
                 for (int k = slot; k < 2 * NB; k++) {   /* earlier slots hold only values < j */
                     const int cidx = 32 * k + lane;
@@ -227,9 +243,9 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
 }
 
 template <int B, int D>
-int squat_set_rows_d(const void * src, const void * idx, int idx_i64, const void * Up, int n_head, void * dst,
-                     int64_t n_tok, size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream) {
-    const size_t smem = (size_t) squat_packed_len(D) * sizeof(__half);
+int squat_set_rows_d(const void * src, const void * idx, int idx_i64, const void * Up, const float * mu, int n_head,
+                     void * dst, int64_t n_tok, size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream) {
+    const size_t smem = squat_smem_bytes(D);
     const dim3 grid((unsigned) ((n_tok + SQ_NW - 1) / SQ_NW), (unsigned) n_head);
     auto kern = idx_i64 ? k_squat_set_rows<B, D, int64_t> : k_squat_set_rows<B, D, int32_t>;
     if (smem > 48 * 1024) {
@@ -238,16 +254,16 @@ int squat_set_rows_d(const void * src, const void * idx, int idx_i64, const void
         if (e != cudaSuccess) return (int) e;
     }
     return (int) pdl_launch(kern, grid, dim3(SQ_NW * 32), smem, stream, (const char *) src, (const char *) idx,
-                            (char *) dst, (const uint16_t *) Up, n_tok, nb01, nb10, nb1);
+                            (char *) dst, (const uint16_t *) Up, mu, n_tok, nb01, nb10, nb1);
 }
 
 template <int B>
-int squat_set_rows_b(int D, const void * src, const void * idx, int idx_i64, const void * Up, int n_head, void * dst,
-                     int64_t n_tok, size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream) {
+int squat_set_rows_b(int D, const void * src, const void * idx, int idx_i64, const void * Up, const float * mu, int n_head,
+                     void * dst, int64_t n_tok, size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream) {
     switch (D) {
-        case  64: return squat_set_rows_d<B,  64>(src, idx, idx_i64, Up, n_head, dst, n_tok, nb01, nb10, nb1, stream);
-        case 128: return squat_set_rows_d<B, 128>(src, idx, idx_i64, Up, n_head, dst, n_tok, nb01, nb10, nb1, stream);
-        case 256: return squat_set_rows_d<B, 256>(src, idx, idx_i64, Up, n_head, dst, n_tok, nb01, nb10, nb1, stream);
+        case  64: return squat_set_rows_d<B,  64>(src, idx, idx_i64, Up, mu, n_head, dst, n_tok, nb01, nb10, nb1, stream);
+        case 128: return squat_set_rows_d<B, 128>(src, idx, idx_i64, Up, mu, n_head, dst, n_tok, nb01, nb10, nb1, stream);
+        case 256: return squat_set_rows_d<B, 256>(src, idx, idx_i64, Up, mu, n_head, dst, n_tok, nb01, nb10, nb1, stream);
         default:  return -1;
     }
 }
@@ -473,11 +489,11 @@ extern "C" int pkv_cuda_to_float(int bits, const void * src, void * dst, int dst
 }
 
 extern "C" int pkv_cuda_squat_set_rows(int bits, int head_dim, int n_head, const float * src, const void * idx, int idx_i64,
-                                       const uint16_t * U_packed, void * dst, int64_t n_tok,
+                                       const uint16_t * U_packed, const float * mu, void * dst, int64_t n_tok,
                                        size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream) {
     if (n_head < 1 || n_tok < 0 || !pkv_cuda_squat_supported(head_dim)) return -1;
     if (n_tok == 0) return 0;
-    PKV_BITS_SWITCH(bits, squat_set_rows_b, head_dim, src, idx, idx_i64, U_packed, n_head, dst, n_tok, nb01, nb10, nb1, stream)
+    PKV_BITS_SWITCH(bits, squat_set_rows_b, head_dim, src, idx, idx_i64, U_packed, mu, n_head, dst, n_tok, nb01, nb10, nb1, stream)
 }
 
 extern "C" int pkv_cuda_squat_supported(int head_dim) {

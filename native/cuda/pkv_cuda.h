@@ -44,9 +44,12 @@ int pkv_cuda_set_rows(int bits, const void * src, int src_type, const void * idx
  * int64 at byte stride nb10; dst byte stride nb1), head h encoded with its
  * factor U_h, given as the host keeps it: n_head consecutive upper triangles
  * of head_dim x head_dim in fp16, row by row (pkv_squat_pack). head_dim: one
- * of pkv_cuda_squat_supported. */
+ * of pkv_cuda_squat_supported. mu: NULL, or the keys' center row (f32,
+ * n_head * head_dim, the centering side state), subtracted from every row
+ * before it is encoded (what a ggml_sub before the store would do, one
+ * kernel less per layer and token). */
 int pkv_cuda_squat_set_rows(int bits, int head_dim, int n_head, const float * src, const void * idx, int idx_i64,
-                            const uint16_t * U_packed, void * dst, int64_t n_tok,
+                            const uint16_t * U_packed, const float * mu, void * dst, int64_t n_tok,
                             size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream);
 int pkv_cuda_squat_supported(int head_dim);   /* 1 for 64, 128, 256 */
 

@@ -41,6 +41,12 @@ public:
         *k = subtract(ctx, *k);
     }
 
+    // K folded into the store (side_method.h): the row is handed over, not subtracted
+    ggml_tensor * defer_key_center(ggml_context * ctx, ggml_tensor ** k) override {
+        *k = as_f32_contiguous(ctx, *k);
+        return center_of(ctx, *k);
+    }
+
     void attn_in_v(ggml_context * ctx, ggml_tensor ** v) override {
         *v = subtract(ctx, *v);
         graph_mu = mu_graph;
@@ -132,6 +138,12 @@ private:
     // mu from x first if the slot is not fitted yet.
     ggml_tensor * subtract(ggml_context * ctx, ggml_tensor * x) {
         x = as_f32_contiguous(ctx, x);
+        return ggml_sub(ctx, x, as_rows(ctx, center_of(ctx, x), x));
+    }
+
+    // this graph's center row [head_dim, n_head_kv] for rows x (f32 contiguous):
+    // the fitted one, or the fit from x
+    ggml_tensor * center_of(ggml_context * ctx, ggml_tensor * x) {
         if (x->ne[0] != sh.head_dim || x->ne[1] != sh.n_head_kv) {
             throw std::runtime_error("pyllm-kv: centering side state of layer " + std::to_string(sh.il) +
                                      " does not match the layer's rows");
@@ -144,7 +156,7 @@ private:
                                                fit_op, GGML_N_TASKS_MAX, this);
             mu_graph = ggml_cpy(ctx, fit, dev);
         }
-        return ggml_sub(ctx, x, as_rows(ctx, mu_graph, x));
+        return mu_graph;
     }
 
     // CPU, threads split the channels: per channel, the median over the

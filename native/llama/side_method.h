@@ -104,6 +104,17 @@ public:
     virtual void attn_in_v(ggml_context *, ggml_tensor ** /*v*/) {}
     virtual ggml_tensor * attn_out(ggml_context *, ggml_tensor * cur) { return cur; }
 
+    // Keys' center row folded into the K store: where the storing slot's
+    // encoder can subtract a center row itself (store_takes_key_center: the
+    // CUDA SQuat encoder), the centering slot just before it runs
+    // defer_key_center instead of attn_in_k (k made f32 contiguous, the fit
+    // if due, and the row [head_dim, n_head_kv] returned, not subtracted),
+    // and the store gets it by set_key_center: one graph op less per layer
+    // and token, the same bytes.
+    virtual ggml_tensor * defer_key_center(ggml_context *, ggml_tensor ** /*k*/) { return nullptr; }
+    virtual bool store_takes_key_center() const { return false; }
+    virtual void set_key_center(ggml_tensor * /*mu*/) {}
+
     // Store K rows into the cache instead of upstream's set_rows (nullptr: not
     // this slot's job). Only the last slot of a K stack may store.
     virtual ggml_tensor * store_k(ggml_context *, ggml_tensor * /*k_cache*/, ggml_tensor * /*k_cur*/,

@@ -65,25 +65,48 @@ public:
             // The Gram matrix of each KV head's GQA group of queries, on the
             // backend that holds them (a matmul: on a GPU it costs nothing
             // next to the prompt); only d x d per head crosses to the CPU fit.
+            // Fewer query rows than d (a short prompt, a decode step) cross as
+            // the rows themselves: smaller than d x d, and the fit then solves
+            // the n_rows x n_rows problem (pkv_squat_prepare).
             const int64_t n_gqa = qc->ne[1] / n_head;
             const int64_t n_tok = qc->ne[2] * qc->ne[3];
             ggml_tensor * x = ggml_reshape_4d(ctx, qc, d, n_gqa, n_head, n_tok);
-            x = ggml_cont(ctx, ggml_permute(ctx, x, 2, 0, 3, 1));   // [n_gqa, n_tok, d, n_head]
-            x = ggml_reshape_3d(ctx, x, n_gqa * n_tok, d, n_head);
-            ggml_tensor * gram = ggml_mul_mat(ctx, x, x);            // [d, d, n_head]
-            ggml_mul_mat_set_prec(gram, GGML_PREC_F32);
+            ggml_tensor * fit_in = nullptr;
+            if (n_gqa * n_tok < d) {
+                x = ggml_cont(ctx, ggml_permute(ctx, x, 0, 1, 3, 2));   // [d, n_gqa, n_tok, n_head]
+                fit_in = ggml_reshape_3d(ctx, x, d, n_gqa * n_tok, n_head);
+            } else {
+                x = ggml_cont(ctx, ggml_permute(ctx, x, 2, 0, 3, 1));   // [n_gqa, n_tok, d, n_head]
+                x = ggml_reshape_3d(ctx, x, n_gqa * n_tok, d, n_head);
+                fit_in = ggml_mul_mat(ctx, x, x);                       // [d, d, n_head]
+                ggml_mul_mat_set_prec(fit_in, GGML_PREC_F32);
+            }
             fit_rows = n_gqa * n_tok;
-            ggml_tensor * args[1] = { gram };
+            ggml_tensor * args[1] = { fit_in };
             ggml_tensor * fit = ggml_custom_4d(ctx, GGML_TYPE_F16, (int64_t) packed(), n_head, 1, 1, args, 1,
                                                refit ? refit_op : fit_op, GGML_N_TASKS_MAX, this);
             graph_U = ggml_cpy(ctx, fit, dev); // into the cache's tensor; the store reads the copy
         }
     }
 
+    // The CUDA encoder subtracts the keys' center row itself (set_rows src[4]);
+    // a K cache elsewhere (host memory, an rpc-server) gets the graph's ggml_sub.
+    bool store_takes_key_center() const override {
+        if (!dev || !dev->buffer || ggml_backend_buffer_is_host(dev->buffer) || !PKV_SQUAT_GPU_HEAD_DIM_OK(d)) {
+            return false;
+        }
+        const char * name = ggml_backend_buft_name(ggml_backend_buffer_get_type(dev->buffer));
+        return name && std::strncmp(name, "CUDA", 4) == 0;
+    }
+
+    void set_key_center(ggml_tensor * mu) override { graph_mu = mu; }
+
     ggml_tensor * store_k(ggml_context * ctx, ggml_tensor * k_cache, ggml_tensor * k_cur,
                           ggml_tensor * k_idxs) override {
         ggml_tensor * U = graph_U;
         graph_U = nullptr;
+        ggml_tensor * mu = graph_mu;
+        graph_mu = nullptr;
         if (!U) {
             throw std::runtime_error("pyllm-kv: SQuat key store without its fit hook (layer " +
                                      std::to_string(sh.il) + ")");
@@ -97,6 +120,11 @@ public:
         const ggml_tensor * base = k_cache;
         while (base->view_src) {
             base = base->view_src;
+        }
+        const bool cuda_store = store_takes_key_center();
+        if (mu && !cuda_store) {   // not expected (the stack asks first); subtract in the graph then
+            k_cur = ggml_sub(ctx, k_cur, ggml_reshape_2d(ctx, mu, (int64_t) n_head * d, 1));
+            mu = nullptr;
         }
         if (!base->buffer || ggml_backend_buffer_is_host(base->buffer)) {
             ggml_tensor * args[4] = { k_cur, k_idxs, k_cache, U };
@@ -112,6 +140,7 @@ public:
         }
         ggml_tensor * t = ggml_set_rows(ctx, k_cache, k_cur, k_idxs);
         t->src[3] = U;
+        t->src[4] = mu;   // the keys' center row, or none (patches/0009 checks its shape)
         return t;
     }
 
@@ -185,6 +214,7 @@ private:
     std::vector<uint8_t> head_fitted; // per head: the fit op runs its heads on several threads
     ggml_tensor * dev = nullptr;      // U in the cache's buffer [packed, n_head] f16
     ggml_tensor * graph_U = nullptr;  // this graph's U, attn_in_k -> store_k
+    ggml_tensor * graph_mu = nullptr; // this graph's key center row, set_key_center -> store_k
     int64_t fit_rows = 0;             // query rows behind the unfitted graph's Gram matrices
 
     size_t packed() const { return pkv_squat_packed_len(d); }
@@ -205,9 +235,11 @@ private:
         head_fitted.assign((size_t) n_head, 0);
     }
 
-    // CPU, threads split the heads: fit each unfitted head from the Gram
-    // matrix of its GQA group's queries (src[0], f32 [d, d, n_head], fit_rows
-    // query rows each); output U of every head (packed fp16, [packed, n_head]).
+    // CPU, threads split the heads: fit each unfitted head from src[0], f32,
+    // either the Gram matrix of its GQA group's queries ([d, d, n_head],
+    // fit_rows query rows each) or, when there are fewer rows than d, the rows
+    // themselves ([d, rows, n_head]); output U of every head (packed fp16,
+    // [packed, n_head]).
     static void fit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         fit_heads(dst, ith, nth, static_cast<squat_slot *>(userdata), false);
     }
@@ -224,15 +256,21 @@ private:
             uint16_t * Uh = self->U.data() + (size_t) h * self->packed();
             if (refit || !self->head_fitted[h]) {
                 const auto t0 = std::chrono::steady_clock::now();
-                std::vector<float> C((size_t) d * d);
-                for (int i = 0; i < d; ++i) {
+                const int64_t rows = gram->ne[1];   // d: a Gram matrix; fewer: the query rows
+                std::vector<float> C((size_t) d * rows);
+                for (int64_t i = 0; i < rows; ++i) {
                     memcpy(C.data() + (size_t) i * d, (const char *) gram->data + h * gram->nb[2] + i * gram->nb[1],
                            (size_t) d * sizeof(float));
                 }
-                // on failure pkv_squat_prepare_gram leaves U = I: this head is then plain kv
+                // on failure pkv_squat_prepare(_gram) leaves U = I: this head is then plain kv
                 std::vector<float> Ud((size_t) d * d);
-                pkv_squat_prepare_gram(C.data(), self->fit_rows, d, self->st.squat_rank, self->st.squat_lambda,
-                                       self->st.squat_normalize ? 1 : 0, Ud.data());
+                const int norm = self->st.squat_normalize ? 1 : 0;
+                if (rows < d) {
+                    pkv_squat_prepare(C.data(), rows, d, self->st.squat_rank, self->st.squat_lambda, norm, Ud.data());
+                } else {
+                    pkv_squat_prepare_gram(C.data(), self->fit_rows, d, self->st.squat_rank, self->st.squat_lambda,
+                                           norm, Ud.data());
+                }
                 pkv_squat_pack(Ud.data(), d, Uh);
                 self->head_fitted[h] = 1;
                 bump_epoch();

@@ -364,8 +364,17 @@ void pkv_side_attn_in(ggml_context * ctx, pkv_side_state * s, int il,
         if (!*k) {
             pkv_side_refuse(s, "layers that read another layer's K/V (KV sharing)");
         }
-        for (auto & r : L.k) {
-            r.s->attn_in_k(ctx, q, k);
+        pkv::slot * store = L.k.back().s.get();
+        const bool fold_center = store->store_takes_key_center();
+        for (size_t i = 0; i < L.k.size(); ++i) {
+            pkv::slot * r = L.k[i].s.get();
+            if (fold_center && i + 2 == L.k.size()) {   // the slot right before the store (side_method.h)
+                if (ggml_tensor * mu = r->defer_key_center(ctx, k)) {
+                    store->set_key_center(mu);
+                    continue;
+                }
+            }
+            r->attn_in_k(ctx, q, k);
         }
         L.armed_k = true;
     }

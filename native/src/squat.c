@@ -36,6 +36,91 @@ static void identity_f(int d, float * U) {
     }
 }
 
+/* U from the eigenpairs, without forming A^-1 or running a dense Cholesky:
+ * A^-1 = I - V C V^T (V: d x k orthonormal columns, C = diag(c), c in [0, 1))
+ * is the identity plus a rank-k term, and the Cholesky factor of such a
+ * matrix is semiseparable (the classic diagonal-plus-low-rank recurrence):
+ * with S_0 = -C and y_j = row j of V,
+ *   p_j = S_j y_j,  d_j = 1 + y_j . p_j,  S_{j+1} = S_j - p_j p_j^T / d_j,
+ *   U[j][j] = sqrt(d_j),  U[j][i] = (y_i . p_j) / sqrt(d_j)  (i > j).
+ * ~d^2 k / 2 + 2 d k^2 flops instead of ~d^3 / 3 (+ d^2 k to form A^-1): the
+ * same factor to rounding (tests/test_sidestate_math.py compares it with the
+ * dense Cholesky of A^-1). d_j >= 1 - max c > 0 in exact arithmetic; a
+ * non-positive d_j is reported (-4) like a failed Cholesky. */
+static int squat_factor_lowrank(int d, int k, int ldv, const double * V, const double * c, double * U) {
+    memset(U, 0, (size_t) d * d * sizeof(double));
+    if (k == 0) {
+        for (int j = 0; j < d; j++) U[(size_t) j * d + j] = 1.0;
+        return 0;
+    }
+    double * S = calloc((size_t) k * k + k, sizeof(double));
+    if (!S) return -2;
+    double * p = S + (size_t) k * k;
+    for (int a = 0; a < k; a++) S[(size_t) a * k + a] = -c[a];
+    for (int j = 0; j < d; j++) {
+        const double * y = V + (size_t) j * ldv;
+        double dj = 1.0;
+        for (int a = 0; a < k; a++) {
+            double t = 0.0;
+            for (int b2 = 0; b2 < k; b2++) t += S[(size_t) a * k + b2] * y[b2];
+            p[a] = t;
+        }
+        for (int a = 0; a < k; a++) dj += y[a] * p[a];
+        if (!(dj > 0.0) || !isfinite(dj)) {
+            free(S);
+            return -4;
+        }
+        const double sj = sqrt(dj), isj = 1.0 / sj;
+        double * Uj = U + (size_t) j * d;
+        Uj[j] = sj;
+        for (int i = j + 1; i < d; i++) {
+            const double * yi = V + (size_t) i * ldv;
+            double t = 0.0;
+            for (int a = 0; a < k; a++) t += yi[a] * p[a];
+            Uj[i] = t * isj;
+        }
+        const double idj = 1.0 / dj;
+        for (int a = 0; a < k; a++) {
+            const double pa = p[a] * idj;
+            for (int b2 = 0; b2 < k; b2++) S[(size_t) a * k + b2] -= pa * p[b2];
+        }
+    }
+    free(S);
+    return 0;
+}
+
+/* The shared tail of both fits: from the top eigenpairs (lam descending, V
+ * d x rr with column k the unit vector of lam[k]) of Q^T Q to U.
+ * Q_hat^T Q_hat = sum_{k<r} lam_k v_k v_k^T (sigma_k^2 = lam_k), divided by
+ * lam_0 when normalised. A^-1 = I - sum_k c_k v_k v_k^T with
+ * c_k = lambda w_k / (1 + lambda w_k) in [0, 1), in closed form. */
+static int squat_factor_from_eig(int d, int rr, const double * lam, const double * V, float lambda,
+                                 int normalize, float * U) {
+    if (!(isfinite(lam[0]) && lam[0] > 0.0)) return 0;   /* all-zero queries: U = I as documented */
+    const double scale = normalize ? 1.0 / lam[0] : 1.0;
+    double * c  = malloc((size_t) (rr > 0 ? rr : 1) * sizeof(double));
+    double * Ud = malloc((size_t) d * d * sizeof(double));
+    if (!c || !Ud) {
+        free(c); free(Ud);
+        return -2;
+    }
+    int kk = 0;
+    for (; kk < rr; kk++) {
+        /* descending: the rest are zero too (a rank-deficient Gram's
+         * eigenvalues are zero to rounding, kept out) */
+        if (!(lam[kk] > lam[0] * 1e-12)) break;
+        double wgt = (double) lambda * lam[kk] * scale;
+        if (wgt > PKV_SQUAT_MAX_WEIGHT) wgt = PKV_SQUAT_MAX_WEIGHT;
+        c[kk] = wgt / (1.0 + wgt);
+    }
+    const int rc = squat_factor_lowrank(d, kk, rr, V, c, Ud);
+    if (rc == 0) {
+        for (size_t i = 0; i < (size_t) d * d; i++) U[i] = (float) Ud[i];
+    }
+    free(c); free(Ud);
+    return rc;
+}
+
 int pkv_squat_prepare_gram(const float * C, int64_t n_q, int d, int r, float lambda,
                            int normalize, float * U) {
     if (!U || d < 1 || d > PKV_LINALG_MAX_N) return -1;
@@ -61,40 +146,54 @@ int pkv_squat_prepare_gram(const float * C, int64_t n_q, int d, int r, float lam
         if (!isfinite(G[i])) finite = 0;
     }
     int rc = finite ? pkv_sym_eig_top(d, G, rr, lam, V) : 0;
-    if (finite && rc == 0 && isfinite(lam[0]) && lam[0] > 0.0) {
-        /* Q_hat^T Q_hat = sum_{i<r} lam_i v_i v_i^T (sigma_i^2 = lam_i), divided
-         * by lam_0 when normalised. A^-1 = I - sum_i c_i v_i v_i^T with
-         * c_i = lambda w_i / (1 + lambda w_i) in [0, 1): closed form, exact to
-         * rounding, no general inverse needed. G is reused for A^-1. */
-        const double scale = normalize ? 1.0 / lam[0] : 1.0;
-        memset(G, 0, dd * sizeof(double));
-        for (int i = 0; i < d; i++) G[(size_t) i * d + i] = 1.0;
-        for (int k = 0; k < rr; k++) {
-            /* descending: the rest are zero too (a rank-deficient Gram's
-             * eigenvalues are zero to rounding, kept out as before) */
-            if (!(lam[k] > lam[0] * 1e-12)) break;
-            double wgt = (double) lambda * lam[k] * scale;
-            if (wgt > PKV_SQUAT_MAX_WEIGHT) wgt = PKV_SQUAT_MAX_WEIGHT;
-            const double c = wgt / (1.0 + wgt);
-            for (int i = 0; i < d; i++) {
-                const double cvi = c * V[(size_t) i * rr + k];
-                if (cvi == 0.0) continue;
-                double * ai = G + (size_t) i * d;
-                for (int j = i; j < d; j++) ai[j] -= cvi * V[(size_t) j * rr + k];
-            }
-        }
-        /* upper triangle of A^-1 is what the factorisation reads */
-        rc = pkv_cholesky_upper(d, G, G);
-        if (rc == 0) {
-            for (size_t i = 0; i < dd; i++) U[i] = (float) G[i];
-        }
+    if (finite && rc == 0) {
+        rc = squat_factor_from_eig(d, rr, lam, V, lambda, normalize, U);
     } else if (rc == -1) {
         rc = 0;   /* cannot happen (G is finite); keep U = I */
     }
-    /* lam_0 == 0 (all-zero queries): U = I as documented */
-
     if (rc != 0) identity_f(d, U);
     free(G); free(V); free(lam);
+    return rc;
+}
+
+/* Fewer query rows than head_dim (a short prompt, a decode step): Q^T Q has
+ * rank <= n_q, and its eigenpairs come from the n_q x n_q matrix Q Q^T:
+ * Q Q^T u = lam u gives Q^T Q (Q^T u) = lam (Q^T u), |Q^T u|^2 = lam, so
+ * v = Q^T u / sqrt(lam). ~n_q^2 d + 4/3 n_q^3 flops instead of the d x d
+ * problem's ~4/3 d^3 (a one-token prompt at d = 128: microseconds, not a
+ * millisecond per head). */
+static int squat_prepare_rows(const float * q, int n_q, int d, int rr, float lambda, int normalize, float * U) {
+    const size_t nn = (size_t) n_q * n_q;
+    double * Q   = malloc((size_t) n_q * d * sizeof(double));
+    double * K   = malloc(nn * sizeof(double));
+    double * W   = malloc((size_t) n_q * rr * sizeof(double));
+    double * V   = malloc((size_t) d * rr * sizeof(double));
+    double * lam = malloc((size_t) rr * sizeof(double));
+    int rc = -2;
+    if (Q && K && W && V && lam) {
+        for (size_t i = 0; i < (size_t) n_q * d; i++) Q[i] = isfinite(q[i]) ? (double) q[i] : 0.0;
+        for (int a = 0; a < n_q; a++) {
+            for (int b = a; b < n_q; b++) {
+                double t = 0.0;
+                for (int i = 0; i < d; i++) t += Q[(size_t) a * d + i] * Q[(size_t) b * d + i];
+                K[(size_t) a * n_q + b] = K[(size_t) b * n_q + a] = t;
+            }
+        }
+        rc = pkv_sym_eig_top(n_q, K, rr, lam, W);
+        if (rc == 0) {
+            for (int k = 0; k < rr; k++) {
+                const double s = lam[k] > 0.0 ? 1.0 / sqrt(lam[k]) : 0.0;
+                for (int i = 0; i < d; i++) {
+                    double t = 0.0;
+                    for (int a = 0; a < n_q; a++) t += Q[(size_t) a * d + i] * W[(size_t) a * rr + k];
+                    V[(size_t) i * rr + k] = t * s;
+                }
+            }
+            rc = squat_factor_from_eig(d, rr, lam, V, lambda, normalize, U);
+        }
+    }
+    if (rc != 0) identity_f(d, U);
+    free(Q); free(K); free(W); free(V); free(lam);
     return rc;
 }
 
@@ -104,6 +203,9 @@ int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float lambda,
     identity_f(d, U);
     if (n_q < 0 || r < 0 || !isfinite(lambda) || lambda < 0.0f || (!q && n_q > 0)) return -1;
     if (n_q == 0 || r == 0 || lambda == 0.0f) return 0;
+    if (n_q < d) {
+        return squat_prepare_rows(q, (int) n_q, d, r < n_q ? r : (int) n_q, lambda, normalize, U);
+    }
 
     const size_t dd = (size_t) d * d;
     double * C   = calloc(dd, sizeof(double));

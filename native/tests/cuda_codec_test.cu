@@ -64,7 +64,7 @@ static std::vector<int64_t> row_perm(int64_t n_tok, int64_t n_cells) {
 
 static int run_set_rows(int idx_i64, int bits, const std::vector<float> & x, int64_t n_tok, int64_t row_len,
                         const std::vector<int64_t> & perm, int64_t n_cells, const uint16_t * U_packed_dev,
-                        int d, int n_head, std::vector<uint8_t> & out) {
+                        const float * mu_dev, int d, int n_head, std::vector<uint8_t> & out) {
     const size_t row_b = (size_t) (row_len / PKV_BLOCK) * pkv_block_bytes(bits);
     float * xd = to_dev(x);
     void * idx = nullptr;
@@ -80,7 +80,7 @@ static int run_set_rows(int idx_i64, int bits, const std::vector<float> & x, int
     const size_t nb_idx = idx_i64 ? sizeof(int64_t) : sizeof(int32_t);
     int rc;
     if (U_packed_dev) {
-        rc = pkv_cuda_squat_set_rows(bits, d, n_head, xd, idx, idx_i64, U_packed_dev, dst, n_tok,
+        rc = pkv_cuda_squat_set_rows(bits, d, n_head, xd, idx, idx_i64, U_packed_dev, mu_dev, dst, n_tok,
                                      row_len * sizeof(float), nb_idx, row_b, 0);
     } else {
         rc = pkv_cuda_set_rows(bits, xd, PKV_CUDA_T_F32, idx, idx_i64, dst, row_len, n_tok, 1, 1,
@@ -104,7 +104,7 @@ static bool test_plain(int bits, int idx_i64) {
     for (int64_t i = 0; i < (int64_t) x.size(); i += 97) x[i] *= 40.0f;   /* outliers */
     const auto perm = row_perm(n_tok, n_cells);
     std::vector<uint8_t> got;
-    if (run_set_rows(idx_i64, bits, x, n_tok, row_len, perm, n_cells, nullptr, 0, 0, got) != 0) return false;
+    if (run_set_rows(idx_i64, bits, x, n_tok, row_len, perm, n_cells, nullptr, nullptr, 0, 0, got) != 0) return false;
     const size_t row_b = (size_t) (row_len / PKV_BLOCK) * pkv_block_bytes(bits);
     std::vector<uint8_t> ref(row_b);
     int64_t bad = 0;
@@ -118,7 +118,9 @@ static bool test_plain(int bits, int idx_i64) {
     return ok;
 }
 
-static bool test_squat(int bits, int d, int idx_i64) {
+/* with_mu: a center row per head (large per-channel offsets, as K biases give)
+ * that the GPU subtracts on the fly; the reference encodes x - mu (float). */
+static bool test_squat(int bits, int d, int idx_i64, bool with_mu) {
     const int n_head = 3, n_gqa = 2;
     const int64_t n_tok = 45, n_cells = 64, row_len = (int64_t) n_head * d;
     const size_t pl = pkv_squat_packed_len(d);
@@ -139,10 +141,15 @@ static bool test_squat(int bits, int d, int idx_i64) {
     std::vector<float> x = randn((size_t) row_len * n_tok, 1.0f);
     for (int64_t i = 0; i < (int64_t) x.size(); i += 61) x[i] *= 10.0f;
     const auto perm = row_perm(n_tok, n_cells);
+    std::vector<float> mu = randn((size_t) row_len, 1.0f);
+    for (size_t i = 0; i < mu.size(); i += 17) mu[i] *= 40.0f;
     uint16_t * Ud = to_dev(Up);
+    float * mud = with_mu ? to_dev(mu) : nullptr;
     std::vector<uint8_t> got;
-    const int rc = run_set_rows(idx_i64, bits, x, n_tok, row_len, perm, n_cells, Ud, d, n_head, got);
+    const int rc = run_set_rows(idx_i64, bits, x, n_tok, row_len, perm, n_cells, Ud, mud, d, n_head, got);
     CK(cudaFree(Ud));
+    if (mud) CK(cudaFree(mud));
+    std::vector<float> kc((size_t) d);
     if (rc != 0) {
         printf("FAIL squat%d d=%d: launcher error %d\n", bits, d, rc);
         return false;
@@ -155,6 +162,10 @@ static bool test_squat(int bits, int d, int idx_i64) {
     for (int64_t t = 0; t < n_tok; t++) {
         for (int h = 0; h < n_head; h++) {
             const float * k = x.data() + t * row_len + (size_t) h * d;
+            if (with_mu) {
+                for (int i = 0; i < d; i++) kc[i] = k[i] - mu[(size_t) h * d + i];
+                k = kc.data();
+            }
             pkv_squat_quantize_row_ref(bits, k, Uf.data() + (size_t) h * d * d, d, ref.data());
             const uint8_t * g = got.data() + perm[t] * row_b + h * head_b;
             pkv_dequantize_row(bits, ref.data(), yr.data(), d);
@@ -169,8 +180,9 @@ static bool test_squat(int bits, int d, int idx_i64) {
     }
     const double frac = (double) diff_codes / (double) n_codes, rel = diff / (err_ref > 0 ? err_ref : 1.0);
     const bool ok = frac <= 0.01 && rel <= 0.05;
-    printf("%s set_rows squat%d d=%d idx%s: %lld of %lld codes differ (%.4f%%), |gpu-ref|^2 / |ref-k|^2 = %.2e\n",
-           ok ? "OK  " : "FAIL", bits, d, idx_i64 ? "64" : "32", (long long) diff_codes, (long long) n_codes,
+    printf("%s set_rows squat%d d=%d idx%s%s: %lld of %lld codes differ (%.4f%%), |gpu-ref|^2 / |ref-k|^2 = %.2e\n",
+           ok ? "OK  " : "FAIL", bits, d, idx_i64 ? "64" : "32", with_mu ? " centred" : "", (long long) diff_codes,
+           (long long) n_codes,
            100.0 * frac, rel);
     return ok;
 }
@@ -204,7 +216,7 @@ static void time_encoders() {
             for (int rep = -10; rep < reps; rep++) {
                 if (rep == 0) CK(cudaEventRecord(e0, 0));
                 if (squat) {
-                    pkv_cuda_squat_set_rows(bits, d, n_head, xd, idd, 0, Ud, dst, n_tok, row_len * sizeof(float),
+                    pkv_cuda_squat_set_rows(bits, d, n_head, xd, idd, 0, Ud, nullptr, dst, n_tok, row_len * sizeof(float),
                                             sizeof(int32_t), row_b, 0);
                 } else {
                     pkv_cuda_set_rows(bits, xd, PKV_CUDA_T_F32, idd, 0, dst, row_len, n_tok, 1, 1,
@@ -235,7 +247,8 @@ int main(int argc, char ** argv) {
             fails += !test_plain(bits, i64); n++;
         }
         for (int d : {64, 128, 256}) {
-            fails += !test_squat(bits, d, d == 128); n++;
+            fails += !test_squat(bits, d, d == 128, false); n++;
+            fails += !test_squat(bits, d, d != 128, true); n++;
         }
     }
     time_encoders();

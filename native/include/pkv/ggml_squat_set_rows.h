@@ -32,7 +32,8 @@
      (op)->src[1]->ne[0] == (op)->src[0]->ne[1] && (op)->src[1]->ne[1] == 1 &&                 \
      (op)->src[1]->ne[2] == 1 && (op)->src[1]->ne[3] == 1 &&                                  \
      (op)->src[3]->type == GGML_TYPE_F16 && (op)->src[3]->nb[0] == 2 &&                       \
-     (op)->src[3]->ne[2] == 1 && (op)->src[3]->ne[3] == 1 && PKV_GGML_SQUAT_SET_ROWS_HEAD_DIM(op) > 0)
+     (op)->src[3]->ne[2] == 1 && (op)->src[3]->ne[3] == 1 && PKV_GGML_SQUAT_SET_ROWS_HEAD_DIM(op) > 0 && \
+     (op)->src[4] == NULL)   /* a folded key center row is the CUDA encoder's (side_method.h) */
 
 /* scratch floats of one thread (the dense U of every head) plus a cache line */
 #define PKV_GGML_SQUAT_SET_ROWS_WORK(op) \

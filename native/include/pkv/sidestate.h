@@ -145,14 +145,17 @@ PKV_API int pkv_deco_fit_gram(const float * G, int64_t n_groups, int g, int vari
  * q: n_q contiguous rows of d floats: the prompt's post-RoPE queries of all
  *    query heads of one GQA group, rotated exactly like the keys will be.
  * Q_hat (r x d) = the top-r right singular vectors of q scaled by their
- *    singular values (from the eigen-decomposition of q^T q), with
+ *    singular values (from the eigen-decomposition of q^T q, or of the
+ *    smaller n_q x n_q matrix q q^T when n_q < d), with
  *    r := min(r, d, n_q); directions with a zero singular value are dropped.
  *    If normalize != 0, Q_hat is divided by its top singular value, so lambda
  *    is relative to the strongest query direction (scale-free).
  * A = I + lambda * Q_hat^T Q_hat (d x d, SPD, eigenvalues >= 1).
  * U (d x d row-major float, upper triangular, lower part 0) is the upper
  *    Cholesky factor of A^-1, i.e. A^-1 = U^T U (the GPTQ "Hinv" trick).
- *    A^-1 is formed in closed form from the eigenvectors, then factored.
+ *    A^-1 = I - sum c_i v_i v_i^T in closed form from the eigenvectors, and
+ *    its factor by the diagonal-plus-low-rank recurrence (O(d^2 r), no dense
+ *    Cholesky; squat.c).
  *
  * Minimising (k_hat - k)^T A (k_hat - k) = |k_hat - k|^2 + lambda |Q_hat(k_hat - k)|^2
  * is what pkv_squat_quantize_row approximates greedily.
