@@ -126,20 +126,21 @@ __global__ void k_set_rows(const char * src, const char * idx, char * dst,     /
 
 /* SQuat key encoder (the CUDA twin of pkv_squat_quantize_row_ref, squat.c):
  * per block, the scale and minimum from the current error-updated values, then
- * value by value the code, its error divided by U[j][j], and the OBS update
- * w[c] -= err * U[j][c] of every later value of the head. The update chain is
- * serial in j, so one warp encodes one (token, head) row with the values in
- * registers as doubles (lane l: values 64 b + l and 64 b + 32 + l of block b).
- * One CTA per head and group of SQ_NW tokens: the head's U (upper triangle,
- * fp16, as the host side state keeps it: pkv_squat_pack) and the reciprocals
- * of its diagonal are staged in shared memory once. */
+ * value by value the code, its error times 1/U[j][j], and the OBS update
+ * w[c] -= err * U[j][c] of every later value of the head, all in float32 with
+ * the reference's roundings (fma where it fuses, nothing else fused). The
+ * update chain is serial in j, so one warp encodes one (token, head) row with
+ * the values in registers (lane l: values 64 b + l and 64 b + 32 + l of block
+ * b). One CTA per head and group of SQ_NW tokens: the head's U (upper
+ * triangle, fp16, as the host side state keeps it: pkv_squat_pack) and the
+ * reciprocals of its diagonal are staged in shared memory once. */
 constexpr int SQ_NW = 4;
 
 static __host__ __device__ constexpr int squat_packed_len(int D) { return D * (D + 1) / 2; }
 
-/* shared memory of one CTA: U's packed triangle (fp16), then 1/U[j][j] (double) */
+/* shared memory of one CTA: U's packed triangle (fp16), then 1/U[j][j] (float) */
 static __host__ __device__ constexpr size_t squat_smem_bytes(int D) {
-    return ((size_t) squat_packed_len(D) * sizeof(__half) + 7) / 8 * 8 + (size_t) D * sizeof(double);
+    return ((size_t) squat_packed_len(D) * sizeof(__half) + 15) / 16 * 16 + (size_t) D * sizeof(float);
 }
 
 template <int B, int D, typename idx_t>
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
     constexpr int PL = squat_packed_len(D);
     extern __shared__ __align__(16) unsigned char sq_smem[];
     __half * su = (__half *) sq_smem;               /* PL values */
-    double * rinv = (double *) (sq_smem + (PL * sizeof(__half) + 7) / 8 * 8);   /* D values */
+    float * rinv = (float *) (sq_smem + (PL * sizeof(__half) + 15) / 16 * 16);   /* D values */
     const int h = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const __half * uh = (const __half *) Up + (size_t) h * PL;
@@ -166,11 +167,11 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
         for (int i = threadIdx.x; i < PL; i += SQ_NW * 32) su[i] = uh[i];
     }
     __syncthreads();
-    /* 1/U[j][j], off the serial chain below (the C reference multiplies by the
-     * same correctly rounded reciprocal; 0: no error propagated) */
+    /* 1/U[j][j] (correctly rounded, as the reference's 1.0f / ujj; 0: no error
+     * propagated), off the serial chain below */
     for (int j = threadIdx.x; j < D; j += SQ_NW * 32) {
-        const double ujj = (double) __half2float(su[j * D - j * (j - 1) / 2]);
-        rinv[j] = (ujj > 0.0 && isfinite(ujj)) ? __drcp_rn(ujj) : 0.0;
+        const float ujj = __half2float(su[j * D - j * (j - 1) / 2]);
+        rinv[j] = (ujj > 0.0f && isfinite(ujj)) ? __frcp_rn(ujj) : 0.0f;
     }
     pdl_wait();                                     /* the rows come from the kernel just before */
     pdl_trigger();
@@ -182,33 +183,32 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
     /* the key's center row (centering side state, side_center.cpp) subtracted
      * here instead of by a graph op: the float subtraction ggml_sub does */
     const float * muh = mu ? mu + (size_t) h * D : nullptr;
-    double w[2 * NB];
+    float w[2 * NB];
 #pragma unroll
     for (int k = 0; k < 2 * NB; k++) {
         const float xv = x[32 * k + lane];
-        w[k] = (double) sanitize(muh ? __fsub_rn(xv, muh[32 * k + lane]) : xv);
+        w[k] = sanitize(muh ? __fsub_rn(xv, muh[32 * k + lane]) : xv);
     }
     const int64_t row = (int64_t) *(const idx_t *) (idx + t * nb10);
     uint8_t * out = (uint8_t *) (dst + row * nb1) + (size_t) h * NB * fmt<B>::bytes;
 
     /* The serial chain of step j is only: value j -> its code -> its error ->
-     * value j+1 (one fma). Every lane runs it redundantly on `wj`, the current
-     * value of column j, so no shuffle sits on it: value j+1 before this step's
-     * update is fetched from its owner lane while the code is computed, and
-     * updated with the same fma the owner applies to its own copy (bit-identical
-     * to the owner's value, hence to the reference). Off the chain, each lane
-     * updates the later values it owns (a select: err == 0 leaves w as the
-     * reference's skip does, also where U holds inf); U[j][.] is read before
-     * the error is known. */
+     * value j+1 (one fma), a dozen float ops. Every lane runs it redundantly on
+     * `wj`, the current value of column j, so no shuffle sits on it: value j+1
+     * before this step's update is fetched from its owner lane while the code
+     * is computed, and updated with the same fma the owner applies to its own
+     * copy (bit-identical to the owner's value, hence to the reference). Off
+     * the chain, each lane updates the later values it owns (a select: err == 0
+     * leaves w as the reference's skip does); U[j][.] is read before the error
+     * is known. */
 #pragma unroll
     for (int b = 0; b < NB; b++) {
-        const block_params p = block_params_warp<B>(sanitize((float) w[2 * b]), sanitize((float) w[2 * b + 1]), lane);
-        const double pm = (double) p.m, pd = (double) p.d;
+        const block_params p = block_params_warp<B>(sanitize(w[2 * b]), sanitize(w[2 * b + 1]), lane);
         uint32_t c[2] = { 0, 0 };
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
             const int slot = 2 * b + hh;
-            double wj = __shfl_sync(0xffffffffu, w[slot], 0);   /* column 32 slot, fully updated */
+            float wj = __shfl_sync(0xffffffffu, w[slot], 0);   /* column 32 slot, fully updated */
             /* Not fully unrolled: 128 unrolled steps (D = 128) are ~80 KB of straight
              * code that one warp runs once, so every step missed the instruction
              * cache (ncu, which flushes the caches: 72 us per launch; back to back:
@@ -218,23 +218,23 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
             for (int o = 0; o < 32; o++) {              /* value j of the head, owned by lane o */
                 const int j = PKV_BLOCK * b + 32 * hh + o;
                 const __half * urow = su + (j * D - j * (j - 1) / 2) - j;   /* urow[c] = U[j][c], c >= j */
-                double u[2 * NB];
+                float u[2 * NB];
 #pragma unroll
                 for (int k = slot; k < 2 * NB; k++) {
                     const int cidx = 32 * k + lane;
-                    u[k] = cidx > j ? (double) __half2float(urow[cidx]) : 0.0;
+                    u[k] = cidx > j ? __half2float(urow[cidx]) : 0.0f;
                 }
-                const double ynext = __shfl_sync(0xffffffffu, w[slot], (o + 1) & 31);   /* column j+1 (o < 31) */
-                const double unext = o < 31 ? (double) __half2float(urow[j + 1]) : 0.0;
-                const uint32_t code = code_of<B>(sanitize((float) wj), p);
-                const double qv = __dadd_rn(pm, __dmul_rn(pd, (double) code));
-                const double err = __dmul_rn(__dsub_rn(wj, qv), rinv[j]);
+                const float ynext = __shfl_sync(0xffffffffu, w[slot], (o + 1) & 31);   /* column j+1 (o < 31) */
+                const float unext = o < 31 ? __half2float(urow[j + 1]) : 0.0f;
+                const uint32_t code = code_of<B>(sanitize(wj), p);
+                const float qv = __fmaf_rn(p.d, (float) code, p.m);
+                const float err = __fmul_rn(__fsub_rn(wj, qv), rinv[j]);
                 c[hh] = lane == o ? code : c[hh];
-                wj = err != 0.0 ? fma(-err, unext, ynext) : ynext;
+                wj = err != 0.0f ? __fmaf_rn(-err, unext, ynext) : ynext;
 #pragma unroll
                 for (int k = slot; k < 2 * NB; k++) {   /* earlier slots hold only values < j */
                     const int cidx = 32 * k + lane;
-                    w[k] = (err != 0.0 && cidx > j) ? fma(-err, u[k], w[k]) : w[k];
+                    w[k] = (err != 0.0f && cidx > j) ? __fmaf_rn(-err, u[k], w[k]) : w[k];
                 }
             }
         }

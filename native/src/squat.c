@@ -243,51 +243,52 @@ int pkv_squat_prepare(const float * q, int64_t n_q, int d, int r, float lambda,
 
 /* The OBS error feedback, w[c] -= err * u[c] for c < n: nearly all of the
  * encoder's d^2/2 flops. Both versions round once per element (fma), so the
- * AVX2 one is bit-identical to the scalar reference. */
-static void obs_update_scalar(double * w, const float * u, double err, int n) {
-    for (int c = 0; c < n; c++) w[c] = fma(-err, (double) u[c], w[c]);
+ * AVX2 one is bit-identical to the scalar reference, and so is the CUDA
+ * encoder (native/cuda/pkv_codec.cu), which runs the same float32 steps. */
+static void obs_update_scalar(float * w, const float * u, float err, int n) {
+    for (int c = 0; c < n; c++) w[c] = fmaf(-err, u[c], w[c]);
 }
 
 #ifdef PKV_SQUAT_AVX2
-static void obs_update_avx2(double * w, const float * u, double err, int n) {
-    const __m256d e = _mm256_set1_pd(err);
+static void obs_update_avx2(float * w, const float * u, float err, int n) {
+    const __m256 e = _mm256_set1_ps(err);
     int c = 0;
-    for (; c + 8 <= n; c += 8) {
-        const __m256d u0 = _mm256_cvtps_pd(_mm_loadu_ps(u + c));
-        const __m256d u1 = _mm256_cvtps_pd(_mm_loadu_ps(u + c + 4));
-        _mm256_storeu_pd(w + c,     _mm256_fnmadd_pd(e, u0, _mm256_loadu_pd(w + c)));
-        _mm256_storeu_pd(w + c + 4, _mm256_fnmadd_pd(e, u1, _mm256_loadu_pd(w + c + 4)));
+    for (; c + 16 <= n; c += 16) {
+        _mm256_storeu_ps(w + c,     _mm256_fnmadd_ps(e, _mm256_loadu_ps(u + c),     _mm256_loadu_ps(w + c)));
+        _mm256_storeu_ps(w + c + 8, _mm256_fnmadd_ps(e, _mm256_loadu_ps(u + c + 8), _mm256_loadu_ps(w + c + 8)));
     }
     obs_update_scalar(w + c, u + c, err, n - c);
 }
 #endif
 
-typedef void (*obs_update_fn)(double * w, const float * u, double err, int n);
+typedef void (*obs_update_fn)(float * w, const float * u, float err, int n);
 
+/* float32 throughout (it was float64 until 2026-12-07): U is fp16 in the side
+ * state, so float64 bought nothing measurable, and on the GPU the serial
+ * column chain of one key is latency-bound: float ops and no conversions
+ * there cut a decode step's encoder several-fold (docs/squat.md). */
 static void squat_quantize_row(int bits, const float * k, const float * U, int d, void * out,
                                obs_update_fn obs_update) {
     const size_t bsz = pkv_block_bytes(bits);
     if (bsz == 0 || !k || !U || !out || d < PKV_BLOCK || d % PKV_BLOCK != 0) return;
 
-    double stack_w[PKV_SQUAT_STACK_D];
-    double * w = d <= PKV_SQUAT_STACK_D ? stack_w : malloc((size_t) d * sizeof(double));
+    float stack_w[PKV_SQUAT_STACK_D];
+    float * w = d <= PKV_SQUAT_STACK_D ? stack_w : malloc((size_t) d * sizeof(float));
     if (!w) {
         /* out of memory: still write a valid (plain) encoding */
         pkv_quantize_row(bits, k, out, d);
         return;
     }
-    for (int i = 0; i < d; i++) w[i] = (double) sanitize(k[i]);
+    for (int i = 0; i < d; i++) w[i] = sanitize(k[i]);
 
     const int L = (1 << bits) - 1;
-    float wf[PKV_BLOCK];
     uint8_t codes[PKV_BLOCK];
     for (int b = 0; b < d / PKV_BLOCK; b++) {
         const int j0 = b * PKV_BLOCK;
         /* The block's scale and minimum from its current (error-updated)
          * values, by the plain encoder itself so the rules cannot drift. */
-        for (int i = 0; i < PKV_BLOCK; i++) wf[i] = (float) w[j0 + i];
         uint16_t dm[2];
-        pkv_encode_block(bits, wf, &dm[0], &dm[1], codes);
+        pkv_encode_block(bits, w + j0, &dm[0], &dm[1], codes);
         const float dq = pkv_fp16_to_fp32(dm[0]);
         const float m  = pkv_fp16_to_fp32(dm[1]);
         const float id = dq > 0.0f ? 1.0f / dq : 0.0f;
@@ -295,20 +296,23 @@ static void squat_quantize_row(int bits, const float * k, const float * U, int d
         for (int i = 0; i < PKV_BLOCK; i++) {
             const int j = j0 + i;
             /* the codec's rounding expression, on the updated value */
-            const float x = sanitize((float) w[j]);
+            const float x = sanitize(w[j]);
             const float qf = floorf((x - m) * id + 0.5f);
             const int code = qf < 0.0f ? 0 : (qf > (float) L ? L : (int) qf);
             codes[i] = (uint8_t) code;
 
             /* OBS step: spread this column's error over the later columns,
-             * weighted by row j of the Cholesky factor of A^-1. */
-            const double ujj = (double) U[(size_t) j * d + j];
-            if (!(ujj > 0.0) || !isfinite(ujj)) continue;
-            const double qv = (double) m + (double) dq * (double) code;
-            /* times the rounded reciprocal, not a division: the CUDA encoder
-             * takes 1/U[j][j] off its serial chain this way, bit-identically */
-            const double err = (w[j] - qv) * (1.0 / ujj);
-            if (err == 0.0) continue;
+             * weighted by row j of the Cholesky factor of A^-1. The error is
+             * times the rounded reciprocal of U[j][j] (0 where U[j][j] is not
+             * positive and finite: nothing propagates), not a division: the
+             * CUDA encoder takes the reciprocal off its serial chain this way.
+             * dq * code is exact in float32 (11 x 4 bits), so the fma is the
+             * codec's m + d * code with one rounding. */
+            const float ujj = U[(size_t) j * d + j];
+            const float rinv = (ujj > 0.0f && isfinite(ujj)) ? 1.0f / ujj : 0.0f;
+            const float qv = fmaf(dq, (float) code, m);
+            const float err = (w[j] - qv) * rinv;
+            if (err == 0.0f) continue;
             obs_update(w + j + 1, U + (size_t) j * d + j + 1, err, d - j - 1);
         }
 

@@ -184,14 +184,16 @@ PKV_API int pkv_squat_prepare_gram(const float * C, int64_t n_q, int d, int r, f
  * decode / dot / vec_mad kernels read it unchanged: decode costs nothing
  * extra; all SQuat work happens here, at encode time.
  *
- * Algorithm (GPTQ/OBS, column by column), w = k in float64:
+ * Algorithm (GPTQ/OBS, column by column), w = k in float32 (the CUDA encoder
+ * runs the same float32 steps, byte for byte):
  *   for each block b (64 columns):
  *     d, m = the plain encoder's fp16 scale and minimum of the block's CURRENT
  *            (error-updated) w values, computed exactly as pkv_quantize_row
  *            does (float32 of w, codec.h's NaN/Inf policy, fp16 rounding);
  *     for each column j of the block, in order:
  *       code_j = clamp(round((w_j - m) / d)) (same float rounding as the codec)
- *       err    = (w_j - (m + d * code_j)) * (1 / U[j][j])   (both rounded)
+ *       err    = (w_j - (m + d * code_j)) * (1 / U[j][j])   (each op rounded;
+ *                m + d * code_j is one fma: d * code_j is exact)
  *       w_c   -= err * U[j][c]   for every later column c > j (any block),
  *                                 one fused multiply-add (fma) per element
  * With U = I no error is propagated and the result is byte-identical to
