@@ -82,8 +82,17 @@ public:
                 ggml_mul_mat_set_prec(fit_in, GGML_PREC_F32);
             }
             fit_rows = n_gqa * n_tok;
-            ggml_tensor * args[1] = { fit_in };
-            ggml_tensor * fit = ggml_custom_4d(ctx, GGML_TYPE_F16, (int64_t) packed(), n_head, 1, 1, args, 1,
+            // A key center fitted in this graph too (handed over by set_key_center,
+            // folded into the store): its CPU fit op becomes an extra source of
+            // this one (read by neither), so the graph orders both CPU fits next
+            // to each other and the scheduler runs them in one CPU split per layer
+            // (64 fewer GPU<->CPU round trips on the Llama-8B shape's first ubatch).
+            ggml_tensor * args[2] = { fit_in, nullptr };
+            int n_args = 1;
+            if (graph_mu && graph_mu->op == GGML_OP_CPY && graph_mu->src[0] && graph_mu->src[0]->op == GGML_OP_CUSTOM) {
+                args[n_args++] = graph_mu->src[0];
+            }
+            ggml_tensor * fit = ggml_custom_4d(ctx, GGML_TYPE_F16, (int64_t) packed(), n_head, 1, 1, args, n_args,
                                                refit ? refit_op : fit_op, GGML_N_TASKS_MAX, this);
             graph_U = ggml_cpy(ctx, fit, dev); // into the cache's tensor; the store reads the copy
         }
