@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Pack a CUDA build made on this (GPU-less) machine for gpu_run.sh, so that the
 # device's minutes go to measuring, not to compiling (../shared/DEVICE.md).
+# bench/device/configure_cuda_build.sh sets up the build below (cuBLAS wheel, driver
+# stub, ccache) in one command.
 #
 #   cmake -S . -B /work/build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
 #     -DCMAKE_CUDA_ARCHITECTURES=90 -DPYLLM_KV_UPSTREAM_TESTS=ON -DGGML_NATIVE=OFF -DGGML_AVX2=ON \
