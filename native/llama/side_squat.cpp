@@ -130,12 +130,9 @@ public:
         while (base->view_src) {
             base = base->view_src;
         }
-        const bool cuda_store = store_takes_key_center();
-        if (mu && !cuda_store) {   // not expected (the stack asks first); subtract in the graph then
-            k_cur = ggml_sub(ctx, k_cur, ggml_reshape_2d(ctx, mu, (int64_t) n_head * d, 1));
-            mu = nullptr;
-        }
         if (!base->buffer || ggml_backend_buffer_is_host(base->buffer)) {
+            // a key center comes only where store_takes_key_center said yes (a CUDA cache)
+            GGML_ASSERT(mu == nullptr);
             ggml_tensor * args[4] = { k_cur, k_idxs, k_cache, U };
             return ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 4, store_op, GGML_N_TASKS_MAX, this);
         }
