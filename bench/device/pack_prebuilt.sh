@@ -1,15 +1,9 @@
 #!/usr/bin/env bash
 # Pack a CUDA build made on this (GPU-less) machine for gpu_run.sh, so that the
 # device's minutes go to measuring, not to compiling (../shared/DEVICE.md).
-# bench/device/configure_cuda_build.sh sets up the build below (cuBLAS wheel, driver
-# stub, ccache) in one command.
 #
-#   cmake -S . -B /work/build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
-#     -DCMAKE_CUDA_ARCHITECTURES=90 -DPYLLM_KV_UPSTREAM_TESTS=ON -DGGML_NATIVE=OFF -DGGML_AVX2=ON \
-#     -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DCMAKE_{C,CXX,CUDA}_COMPILER_LAUNCHER=ccache \
-#     -DCUDA_cuda_driver_LIBRARY=<stub>/libcuda.so (a stub with SONAME libcuda.so.1, and a libcuda.so.1 link
-#     beside it) -DCMAKE_{EXE,SHARED}_LINKER_FLAGS=-Wl,-rpath-link,<stub> \
-#     -DCUDA_cublas_LIBRARY=... -DCUDA_cublasLt_LIBRARY=... (nvidia-cublas wheel) -DCMAKE_{CUDA,CXX}_FLAGS=-I<its include>
+#   bash bench/device/configure_cuda_build.sh /work/build-cuda   (cmake with the cuBLAS
+#                                          wheel, a libcuda stub and ccache)
 #   ninja -C /work/build-cuda llama pyllm_kv_native llama-bench llama-perplexity llama-completion \
 #     test-backend-ops pkv-cuda-test ggml-rpc-server
 #   bash bench/device/pack_prebuilt.sh /work/build-cuda     -> .carry9/ (git-ignored)
