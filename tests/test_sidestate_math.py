@@ -15,6 +15,8 @@ import pytest
 
 from pyllm_kv import native
 
+import block_scale_ref as bsr
+
 B = native.BLOCK
 BITS = [4, 3, 2]
 
@@ -457,8 +459,8 @@ def unpack_codes(packed, bits, n):
 
 def squat_encode_ref(K, U, bits):
     """numpy reference of pkv_squat_quantize_row, vectorised over keys, in the
-    encoder's float32: block scale/min and the rounding expression as the codec
-    computes them; the error times the rounded reciprocal of U[j][j]; each OBS
+    encoder's float32: block scale/min (tests/block_scale_ref.py) and the
+    rounding expression as the codec computes them; the error times the rounded reciprocal of U[j][j]; each OBS
     update one fused multiply-add (emulated: the float32 product is exact in
     float64, then one rounding to float32 -- a double rounding that can differ
     from a true fma only at exact float64 ties). Returns (codes (n, d),
@@ -478,8 +480,7 @@ def squat_encode_ref(K, U, bits):
     for b in range(d // B):
         cols = slice(b * B, (b + 1) * B)
         wf = san32(w[:, cols])
-        m = fp16(wf.min(axis=1))
-        dq = fp16((wf.max(axis=1) - m) / np.float32(Lv))
+        dq, m = bsr.block_scale_f32(wf, bits)           # the plain encoder's scale search
         with np.errstate(divide="ignore"):
             inv = np.where(dq > 0, np.float32(1) / dq, np.float32(0)).astype(np.float32)
         for j in range(b * B, (b + 1) * B):

@@ -19,11 +19,63 @@ template <> __device__ __forceinline__ half from_f<half>(float v) { return __flo
 constexpr int NT = 128;
 
 /* Block scale and minimum of 64 values held by a warp (lane l: values l and
- * l + 32), as the reference encode_block sets them: fp16 minimum, fp16 scale
- * (max - min) / L. min/max are tree reductions that keep the lowest index among
- * equal values, i.e. the reference's first occurrence (matters only for +-0).
- * Inputs must be sanitized. */
+ * l + 32): the error-minimising search of native/src/block_scale.c, candidate
+ * for candidate and rounding for rounding (that file says why and what it
+ * tries). Here the 8 starting grids run side by side, so a block costs four
+ * rounds of warp sums instead of 25 in a row; the winner is the lowest squared
+ * error, ties to the lowest candidate index, which is the reference's
+ * sequential "strictly better" rule. Every sum is the butterfly whose order
+ * block_scale.c's warp_order_sum copies. Inputs must be sanitized. */
 struct block_params { __half dh, mh; float d, m, id; };
+
+constexpr unsigned FULL = 0xffffffffu;
+constexpr int SCALE_GRIDS = 8;     /* starting grids of block_scale.c */
+constexpr int SCALE_ROUNDS = 3;    /* fit-and-recode rounds per grid */
+
+template <int N>
+static __device__ __forceinline__ void warp_sums(float (&v)[N]) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int k = 0; k < N; k++) v[k] = __fadd_rn(v[k], __shfl_xor_sync(FULL, v[k], o));
+    }
+}
+
+/* code of x against (d, m) with 1/d = id, as the reference rounds it, as a float */
+template <int B>
+static __device__ __forceinline__ float code_f(const float x, const float m, const float id) {
+    constexpr float L = (float) ((1 << B) - 1);
+    const float c = floorf(__fadd_rn(__fmul_rn(__fsub_rn(x, m), id), 0.5f));
+    return c < 0.0f ? 0.0f : (c > L ? L : c);
+}
+
+/* this lane's part of the squared error of (d, m) over its two values; codes to c0, c1 */
+template <int B>
+static __device__ __forceinline__ float err_part(const float x0, const float x1, const float d, const float m,
+                                                 float & c0, float & c1) {
+    const float id = d > 0.0f ? __frcp_rn(d) : 0.0f;
+    c0 = code_f<B>(x0, m, id);
+    c1 = code_f<B>(x1, m, id);
+    const float t0 = __fsub_rn(__fadd_rn(m, __fmul_rn(d, c0)), x0);
+    const float t1 = __fsub_rn(__fadd_rn(m, __fmul_rn(d, c1)), x1);
+    return __fadd_rn(__fmul_rn(t0, t0), __fmul_rn(t1, t1));
+}
+
+/* block_scale.c's fit_fp16 from the warp's sums: false if the fit is
+ * degenerate or its top level would decode beyond the fp16 range */
+template <int B>
+static __device__ __forceinline__ bool fit_fp16(const float sq, const float sqq, const float sqy, const float sy,
+                                                const float mn, __half & dh, __half & mh) {
+    const float det = __fsub_rn(__fmul_rn(64.0f, sqq), __fmul_rn(sq, sq));
+    if (!(det > 0.0f)) return false;
+    const float d = __fdiv_rn(__fsub_rn(__fmul_rn(64.0f, sqy), __fmul_rn(sq, sy)), det);
+    const float m = __fadd_rn(mn, __fmul_rn(__fsub_rn(sy, __fmul_rn(d, sq)), 1.0f / 64.0f));
+    if (!(d > 0.0f) || !(d <= 65504.0f) || !(m >= -65504.0f && m <= 65504.0f)) return false;
+    dh = __float2half_rn(d);
+    mh = __float2half_rn(m);
+    const float dq = __half2float(dh);
+    return dq > 0.0f && __fadd_rn(__half2float(mh), __fmul_rn((float) ((1 << B) - 1), dq)) <= 65504.0f;
+}
 
 template <int B>
 static __device__ __forceinline__ block_params block_params_warp(const float x0, const float x1, const int lane) {
@@ -34,18 +86,86 @@ static __device__ __forceinline__ block_params block_params_warp(const float x0,
     if (x1 > mx) { mx = x1; imx = lane + 32; }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-        const float omn = __shfl_xor_sync(0xffffffffu, mn, o);
-        const int   oin = __shfl_xor_sync(0xffffffffu, imn, o);
-        const float omx = __shfl_xor_sync(0xffffffffu, mx, o);
-        const int   oix = __shfl_xor_sync(0xffffffffu, imx, o);
+        /* ties keep the lowest index: the reference's first occurrence (matters only for +-0) */
+        const float omn = __shfl_xor_sync(FULL, mn, o);
+        const int   oin = __shfl_xor_sync(FULL, imn, o);
+        const float omx = __shfl_xor_sync(FULL, mx, o);
+        const int   oix = __shfl_xor_sync(FULL, imx, o);
         if (omn < mn || (omn == mn && oin < imn)) { mn = omn; imn = oin; }
         if (omx > mx || (omx == mx && oix < imx)) { mx = omx; imx = oix; }
     }
+    /* candidate 0: the min/max rule (d a step smaller if the top level would pass 65504) */
+    const __half bmh0 = __float2half_rn(mn);
+    __half bdh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, __half2float(bmh0)), (float) L)), bmh = bmh0;
+    if (__fadd_rn(__half2float(bmh), __fmul_rn((float) L, __half2float(bdh))) > 65504.0f) {
+        bdh = __ushort_as_half((unsigned short) (__half_as_ushort(bdh) - 1));
+    }
+
+    const float range = __fsub_rn(mx, mn);
+    const bool search = range > 0.0f && isfinite(__fdiv_rn((float) L, range));
+    const float y0 = __fsub_rn(x0, mn), y1 = __fsub_rn(x1, mn);
+    float q[SCALE_GRIDS][2];
+    float s[2 + 3 * SCALE_GRIDS];   /* error of candidate 0, sum(y), then per grid sum q, q^2, q*y */
+    {
+        float c0, c1;
+        s[0] = err_part<B>(x0, x1, __half2float(bdh), __half2float(bmh), c0, c1);
+    }
+    s[1] = __fadd_rn(y0, y1);
+#pragma unroll
+    for (int g = 0; g < SCALE_GRIDS; g++) {
+        const float isc = __fdiv_rn(__fadd_rn((float) L - 0.5f, (float) (g >> 1)), range);
+        const float v0 = (g & 1) ? __fsub_rn(mx, x0) : y0;
+        const float v1 = (g & 1) ? __fsub_rn(mx, x1) : y1;
+        float c0 = floorf(__fadd_rn(__fmul_rn(v0, isc), 0.5f));
+        float c1 = floorf(__fadd_rn(__fmul_rn(v1, isc), 0.5f));
+        c0 = c0 > (float) L ? (float) L : c0;
+        c1 = c1 > (float) L ? (float) L : c1;
+        q[g][0] = (g & 1) ? (float) L - c0 : c0;
+        q[g][1] = (g & 1) ? (float) L - c1 : c1;
+        s[2 + 3 * g + 0] = __fadd_rn(q[g][0], q[g][1]);
+        s[2 + 3 * g + 1] = __fadd_rn(__fmul_rn(q[g][0], q[g][0]), __fmul_rn(q[g][1], q[g][1]));
+        s[2 + 3 * g + 2] = __fadd_rn(__fmul_rn(q[g][0], y0), __fmul_rn(q[g][1], y1));
+    }
+    warp_sums(s);
+    float best = s[0];
+    int best_i = 0;
+    const float sy = s[1];
+    bool alive[SCALE_GRIDS];
+#pragma unroll
+    for (int g = 0; g < SCALE_GRIDS; g++) alive[g] = search;
+#pragma unroll
+    for (int r = 0; r < SCALE_ROUNDS; r++) {
+        float e[4 * SCALE_GRIDS];   /* per grid: error of this round's candidate, then its sums */
+        __half dh[SCALE_GRIDS], mh[SCALE_GRIDS];
+#pragma unroll
+        for (int g = 0; g < SCALE_GRIDS; g++) {
+            alive[g] = alive[g] && fit_fp16<B>(s[2 + 3 * g], s[2 + 3 * g + 1], s[2 + 3 * g + 2], sy, mn, dh[g], mh[g]);
+            float c0 = 0.0f, c1 = 0.0f;
+            e[4 * g] = alive[g] ? err_part<B>(x0, x1, __half2float(dh[g]), __half2float(mh[g]), c0, c1) : 0.0f;
+            e[4 * g + 1] = __fadd_rn(c0, c1);
+            e[4 * g + 2] = __fadd_rn(__fmul_rn(c0, c0), __fmul_rn(c1, c1));
+            e[4 * g + 3] = __fadd_rn(__fmul_rn(c0, y0), __fmul_rn(c1, y1));
+        }
+        warp_sums(e);   /* the last round's fit sums are not used: one pass either way */
+#pragma unroll
+        for (int g = 0; g < SCALE_GRIDS; g++) {
+            const int idx = 1 + SCALE_ROUNDS * g + r;
+            if (alive[g] && (e[4 * g] < best || (e[4 * g] == best && idx < best_i))) {
+                best = e[4 * g];
+                best_i = idx;
+                bdh = dh[g];
+                bmh = mh[g];
+            }
+            s[2 + 3 * g + 0] = e[4 * g + 1];
+            s[2 + 3 * g + 1] = e[4 * g + 2];
+            s[2 + 3 * g + 2] = e[4 * g + 3];
+        }
+    }
     block_params p;
-    p.mh = __float2half_rn(mn);
-    p.m  = __half2float(p.mh);
-    p.dh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, p.m), (float) L));
-    p.d  = __half2float(p.dh);
+    p.dh = bdh;
+    p.mh = bmh;
+    p.m  = __half2float(bmh);
+    p.d  = __half2float(bdh);
     p.id = p.d > 0.0f ? __frcp_rn(p.d) : 0.0f;
     return p;
 }
@@ -93,7 +213,7 @@ static __device__ __forceinline__ void pack_block_warp(const uint32_t c0, const 
 /* One warp per destination block: lane l holds values l and l + 32. Decode
  * writes one row (a few blocks), so a thread-per-block encoder would leave
  * most of a warp idle and run its 64-value min/max chains serially. Same
- * arithmetic per value as encode_block. */
+ * arithmetic per value as the C reference (kvblock.c, block_scale.c). */
 template <int B>
 static __device__ __forceinline__ void encode_block_warp(float x0, float x1, uint8_t * out, const int lane) {
     x0 = sanitize(x0);
@@ -295,32 +415,44 @@ static __device__ __forceinline__ size_t offs_of(const dims4 & t, int64_t e) {
     return i0 * t.nb[0] + i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3];
 }
 
-/* one thread per block of ours; element order = row-major order of each tensor */
-template <int B, bool TO_OURS>
-__global__ void k_cpy(const char * __restrict__ src, char * __restrict__ dst, const dims4 f, const dims4 q, const int64_t nblocks) {
-    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= nblocks) return;
-    const int64_t e0 = i * PKV_BLOCK;           /* first element, also in ours: ne[0] % 64 == 0 */
+/* element e of a tensor's row-major order -> our block's byte offset */
+template <int B>
+static __device__ __forceinline__ size_t our_block_offs(const dims4 & q, const int64_t e0) {
     int64_t r = e0;
     const int64_t i0 = r % q.ne[0]; r /= q.ne[0];
     const int64_t i1 = r % q.ne[1]; r /= q.ne[1];
     const int64_t i2 = r % q.ne[2];
     const int64_t i3 = r / q.ne[2];
-    const size_t qoff = (i0 / PKV_BLOCK) * fmt<B>::bytes + i1 * q.nb[1] + i2 * q.nb[2] + i3 * q.nb[3];
-    if constexpr (TO_OURS) {
-        float v[PKV_BLOCK];
+    return (i0 / PKV_BLOCK) * fmt<B>::bytes + i1 * q.nb[1] + i2 * q.nb[2] + i3 * q.nb[3];
+}
+
+/* f32 -> ours: one warp per block of ours (the set_rows encoder, lane l:
+ * values l and l + 32); element order = row-major order of each tensor */
+template <int B>
+__global__ void k_cpy_to_ours(const char * __restrict__ src, char * __restrict__ dst, const dims4 f, const dims4 q,
+                              const int64_t nblocks) {
+    const int64_t i = (int64_t) blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    if (i >= nblocks) return;                   /* whole warps */
+    const int64_t e0 = i * PKV_BLOCK;           /* first element, also in ours: ne[0] % 64 == 0 */
+    encode_block_warp<B>(*(const float *) (src + offs_of(f, e0 + lane)), *(const float *) (src + offs_of(f, e0 + lane + 32)),
+                         (uint8_t *) dst + our_block_offs<B>(q, e0), lane);
+}
+
+/* ours -> f32: one thread per block of ours */
+template <int B>
+__global__ void k_cpy_from_ours(const char * __restrict__ src, char * __restrict__ dst, const dims4 f, const dims4 q,
+                                const int64_t nblocks) {
+    const int64_t i = (int64_t) blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nblocks) return;
+    const int64_t e0 = i * PKV_BLOCK;
+    const uint32_t * w = (const uint32_t *) (src + our_block_offs<B>(q, e0));
 #pragma unroll
-        for (int j = 0; j < PKV_BLOCK; j++) v[j] = *(const float *) (src + offs_of(f, e0 + j));
-        encode_block<B>(v, (uint32_t *) (dst + qoff));
-    } else {
-        const uint32_t * w = (const uint32_t *) (src + qoff);
+    for (int qd = 0; qd < 16; qd++) {
+        float y[4];
+        decode_quad<B>(w, qd, y);
 #pragma unroll
-        for (int qd = 0; qd < 16; qd++) {
-            float y[4];
-            decode_quad<B>(w, qd, y);
-#pragma unroll
-            for (int k = 0; k < 4; k++) *(float *) (dst + offs_of(f, e0 + 4 * qd + k)) = y[k];
-        }
+        for (int k = 0; k < 4; k++) *(float *) (dst + offs_of(f, e0 + 4 * qd + k)) = y[k];
     }
 }
 
@@ -404,9 +536,13 @@ int set_rows_b(const void * src, int src_type, const void * idx, int idx_i64, vo
 
 template <int B>
 int cpy_b(int to_ours, const void * src, void * dst, const dims4 & f, const dims4 & q, int64_t nblocks, cudaStream_t stream) {
-    const dim3 grid((unsigned) ((nblocks + NT - 1) / NT));
-    if (to_ours) k_cpy<B, true ><<<grid, NT, 0, stream>>>((const char *) src, (char *) dst, f, q, nblocks);
-    else         k_cpy<B, false><<<grid, NT, 0, stream>>>((const char *) src, (char *) dst, f, q, nblocks);
+    if (to_ours) {
+        const dim3 grid((unsigned) ((nblocks + NT / 32 - 1) / (NT / 32)));
+        k_cpy_to_ours<B><<<grid, NT, 0, stream>>>((const char *) src, (char *) dst, f, q, nblocks);
+    } else {
+        const dim3 grid((unsigned) ((nblocks + NT - 1) / NT));
+        k_cpy_from_ours<B><<<grid, NT, 0, stream>>>((const char *) src, (char *) dst, f, q, nblocks);
+    }
     return (int) cudaGetLastError();
 }
 

@@ -135,68 +135,6 @@ static __device__ __forceinline__ float sanitize(float v) {
     return v;
 }
 
-/* Encode 64 values (already loaded, in order) into one block at `out`
- * (4-byte aligned): the same arithmetic as the C reference, step by step. */
-template <int B>
-static __device__ __forceinline__ void encode_block(const float (&xin)[PKV_BLOCK], uint32_t * out) {
-    constexpr int L = (1 << B) - 1;
-    float x[PKV_BLOCK];
-#pragma unroll
-    for (int i = 0; i < PKV_BLOCK; i++) x[i] = sanitize(xin[i]);
-    float mn = x[0], mx = x[0];
-#pragma unroll
-    for (int i = 1; i < PKV_BLOCK; i++) {
-        mn = x[i] < mn ? x[i] : mn;     /* same tie rule as the reference (keeps the first of +-0) */
-        mx = x[i] > mx ? x[i] : mx;
-    }
-    const __half mh = __float2half_rn(mn);
-    const float  m  = __half2float(mh);
-    const __half dh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, m), (float) L));
-    const float  d  = __half2float(dh);
-    const float  id = d > 0.0f ? __frcp_rn(d) : 0.0f;
-    uint8_t c[PKV_BLOCK];
-#pragma unroll
-    for (int i = 0; i < PKV_BLOCK; i++) {
-        const float q = floorf(__fadd_rn(__fmul_rn(__fsub_rn(x[i], m), id), 0.5f));
-        c[i] = (uint8_t) (q < 0.0f ? 0 : (q > (float) L ? L : (int) q));
-    }
-    out[0] = (uint32_t) __half_as_ushort(dh) | ((uint32_t) __half_as_ushort(mh) << 16);
-    if constexpr (B == 4) {
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            uint32_t w = 0;
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int j = 4 * k + i;
-                w |= (uint32_t) (c[j] | (c[j + 32] << 4)) << (8 * i);
-            }
-            out[1 + k] = w;
-        }
-    } else {
-        /* low two bits: byte j of ql = c[j] | c[j+16]<<2 | c[j+32]<<4 | c[j+48]<<6 */
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            uint32_t w = 0;
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int j = 4 * k + i;
-                w |= (uint32_t) ((c[j] & 3) | ((c[j + 16] & 3) << 2) | ((c[j + 32] & 3) << 4) | ((c[j + 48] & 3) << 6)) << (8 * i);
-            }
-            out[1 + k] = w;
-        }
-        if constexpr (B == 3) {
-            /* third bit of value j: bit j/8 of qh[j%8] */
-            uint32_t h[2] = {0u, 0u};
-#pragma unroll
-            for (int j = 0; j < PKV_BLOCK; j++) {
-                h[(j % 8) / 4] |= (uint32_t) ((c[j] >> 2) & 1) << (8 * (j % 4) + j / 8);
-            }
-            out[5] = h[0];
-            out[6] = h[1];
-        }
-    }
-}
-
 /* Decode value quad q of a block to 4 floats (m + d*code). */
 template <int B>
 static __device__ __forceinline__ void decode_quad(const uint32_t * w, const int q, float (&y)[4]) {

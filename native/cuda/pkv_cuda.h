@@ -8,8 +8,9 @@
  * or a positive cudaError_t if the launch itself failed.
  *
  * Rounding: the encoder reproduces the scalar reference pkv_encode_block
- * (fp16 round-to-nearest-even of the minimum and scale, codes from the rounded
- * values, no fused multiply-add) bit for bit for finite inputs outside the
+ * (block_scale.c's search for the scale and minimum, with its order of sums;
+ * fp16 round-to-nearest-even; codes from the rounded values; no fused
+ * multiply-add) bit for bit for finite inputs outside the
  * fp32-subnormal range (ggml-cuda builds with -use_fast_math, which flushes
  * fp32 subnormals to zero).
  */

@@ -30,23 +30,19 @@ static inline float sanitize(float v) {
     return v;
 }
 
-/* Choose the block's fp16 minimum and scale and its codes. The codes are
- * computed against the fp16-rounded m and d, which are what decode sees. */
-void pkv_encode_block(int bits, const float * x, uint16_t * d_out, uint16_t * m_out, uint8_t * codes) {
+/* The block's fp16 scale and minimum (block_scale.c: an error-minimising
+ * search) and its codes, computed against the fp16 d and m decode reads. */
+void pkv_encode_block(int bits, const float * xin, uint16_t * d_out, uint16_t * m_out, uint8_t * codes) {
     const int L = (1 << bits) - 1;
-    float mn = sanitize(x[0]), mx = mn;
-    for (int i = 1; i < PKV_BLOCK; i++) {
-        const float v = sanitize(x[i]);
-        mn = v < mn ? v : mn;
-        mx = v > mx ? v : mx;
-    }
-    const uint16_t mh = pkv_fp32_to_fp16(mn);
+    float x[PKV_BLOCK];
+    for (int i = 0; i < PKV_BLOCK; i++) x[i] = sanitize(xin[i]);
+    uint16_t dh, mh;
+    pkv_block_scale_search(bits, x, &dh, &mh);
     const float m = pkv_fp16_to_fp32(mh);
-    const uint16_t dh = pkv_fp32_to_fp16((mx - m) / (float) L);
     const float d = pkv_fp16_to_fp32(dh);
     const float id = d > 0.0f ? 1.0f / d : 0.0f;
     for (int i = 0; i < PKV_BLOCK; i++) {
-        const float q = floorf((sanitize(x[i]) - m) * id + 0.5f);
+        const float q = floorf((x[i] - m) * id + 0.5f);
         codes[i] = (uint8_t)(q < 0.0f ? 0 : (q > (float) L ? L : (int) q));
     }
     *d_out = dh;

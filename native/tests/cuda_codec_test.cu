@@ -102,6 +102,16 @@ static bool test_plain(int bits, int idx_i64) {
     const int64_t row_len = 256, n_tok = 77, n_cells = 100;
     std::vector<float> x = randn((size_t) row_len * n_tok, 1.0f);
     for (int64_t i = 0; i < (int64_t) x.size(); i += 97) x[i] *= 40.0f;   /* outliers */
+    /* rows of very different scale and offset (the scale search's float sums
+     * must agree over all of them), a constant row and a half-zero row */
+    std::uniform_real_distribution<float> ud(-3.0f, 3.0f);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float sc = std::pow(10.0f, ud(rng)), off = nd(rng) * sc * (t % 3 == 0 ? 10.0f : 1.0f);
+        for (int64_t i = 0; i < row_len; i++) x[t * row_len + i] = x[t * row_len + i] * sc + off;
+    }
+    for (int64_t i = 0; i < row_len; i++) x[3 * row_len + i] = 1.25f;
+    for (int64_t i = 0; i < row_len; i += 2) x[4 * row_len + i] = 0.0f;
     const auto perm = row_perm(n_tok, n_cells);
     std::vector<uint8_t> got;
     if (run_set_rows(idx_i64, bits, x, n_tok, row_len, perm, n_cells, nullptr, nullptr, 0, 0, got) != 0) return false;

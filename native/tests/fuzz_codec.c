@@ -188,15 +188,6 @@ static float policy(float v) {
     return v > 65504.0f ? 65504.0f : (v < -65504.0f ? -65504.0f : v);
 }
 
-/* Half of fp16's spacing at |v|: the most that rounding v to fp16 moves it. */
-static double fp16_half_ulp(double v) {
-    v = fabs(v);
-    if (v < 0x1p-14) return 0x1p-25;   /* subnormal fp16: fixed spacing 2^-24 */
-    int e;
-    frexp(v, &e);                      /* v in [2^(e-1), 2^e): spacing 2^(e-11) */
-    return ldexp(1.0, e - 12);
-}
-
 static void read_dm(const unsigned char * blk, double * d, double * m) {
     uint16_t dm[2];
     memcpy(dm, blk, sizeof dm);
@@ -244,28 +235,41 @@ static void check_row(int bits, const float * x, int64_t k) {
     fixed[bits].deq(packed, yf, k);
     CHECK(memcmp(ys, yf, (size_t) k * sizeof(float)) == 0, "SIMD decode != scalar decode");
 
-    /* round-trip bound per block, on the policy-mapped input. Encoding picks
-     * m = fp16(min) and d = fp16((max - m) / L), codes by rounding against
-     * those, so |x - x_hat| <= d/2 plus what fp16 rounding of m and d costs:
-     * |m - min| below the minimum, L * |d - d_exact| above the maximum. */
+    /* round trip per block, on the policy-mapped input: decode is finite and
+     * within the block's range widened by a step, and the stored squared error
+     * is no worse than the min/max rule's (m = fp16(min), d = fp16((max-m)/L),
+     * the encoder's first candidate; block_scale.c scores in float32, hence
+     * the relative slack). */
     for (int64_t b = 0; b < nb; b++) {
         const float * xb = xs + b * PKV_BLOCK, * yb = ys + b * PKV_BLOCK;
-        double mn = xb[0], mx = xb[0], d, m;
-        for (int j = 1; j < PKV_BLOCK; j++) { mn = fmin(mn, xb[j]); mx = fmax(mx, xb[j]); }
+        float mnf = xb[0], mxf = xb[0];
+        for (int j = 1; j < PKV_BLOCK; j++) { mnf = fminf(mnf, xb[j]); mxf = fmaxf(mxf, xb[j]); }
+        double d, m;
         read_dm(packed + b * bb, &d, &m);
-        const double d_exact = (mx - m) / L;
-        CHECK(fabs(m - mn) <= fp16_half_ulp(mn), "block %lld: m=%g but min=%g", (long long) b, m, mn);
-        CHECK(fabs(d - d_exact) <= fp16_half_ulp(d_exact * (1 + 0x1p-22)) + fabs(d_exact) * 0x1p-22,
-              "block %lld: d=%g but (max-m)/L=%g", (long long) b, d, d_exact);
-        const double slack = fabs(m - mn) + L * fabs(d - d_exact);
+        const float m0 = pkv_fp16_to_fp32(pkv_fp32_to_fp16(mnf));
+        uint16_t d0h = pkv_fp32_to_fp16((mxf - m0) / (float) L);
+        if (m0 + (float) L * pkv_fp16_to_fp32(d0h) > 65504.0f) d0h--;   /* as block_scale.c's candidate 0 */
+        const float d0 = pkv_fp16_to_fp32(d0h);
+        const float id0 = d0 > 0.0f ? 1.0f / d0 : 0.0f;
+        double err = 0.0, err0 = 0.0, xabs = 0.0;
         for (int j = 0; j < PKV_BLOCK; j++) {
             CHECK(isfinite(yb[j]), "decode[%lld] = %g from x = %g", (long long) (b * PKV_BLOCK + j), yb[j],
                   x[b * PKV_BLOCK + j]);
-            const double err = fabs((double) xb[j] - yb[j]);
-            const double bound = fabs(d) / 2 + slack + 0x1p-20 * (fabs(xb[j]) + fabs(m) + L * fabs(d)) + 0x1p-149;
-            CHECK(err <= bound, "block %lld j %d: x=%.9g (raw %.9g) decoded %.9g, err %g > bound %g (d=%g m=%g)",
-                  (long long) b, j, xb[j], x[b * PKV_BLOCK + j], yb[j], err, bound, d, m);
+            /* a step, plus fp16's rounding of m (relative, and its subnormal spacing) */
+            const double widen = fabs(d) * 1.01 + fmax(fabs((double) mnf), fabs((double) mxf)) * 0x1p-10 + 0x1p-24;
+            CHECK(yb[j] >= (double) mnf - widen && yb[j] <= (double) mxf + widen,
+                  "block %lld j %d: decoded %.9g outside [%.9g, %.9g] widened by d=%g", (long long) b, j, yb[j], mnf, mxf, d);
+            float c0 = floorf((xb[j] - m0) * id0 + 0.5f);
+            c0 = c0 < 0.0f ? 0.0f : (c0 > (float) L ? (float) L : c0);
+            const double t0 = (double) m0 + (double) d0 * c0 - xb[j], t = (double) yb[j] - xb[j];
+            err0 += t0 * t0;
+            err += t * t;
+            xabs = fmax(xabs, fabs((double) xb[j]));
         }
+        /* float32 scoring: slack relative to the error and to the values' ulp */
+        const double slack = 1e-4 * err0 + 4 * sqrt(PKV_BLOCK * err0) * xabs * 0x1p-23 + PKV_BLOCK * pow(xabs * 0x1p-22, 2) + 0x1p-140;
+        CHECK(err <= err0 + slack, "block %lld: stored squared error %.9g > min/max rule's %.9g (d=%g m=%g)",
+              (long long) b, err, err0, d, m);
     }
 
     /* V accumulation: SIMD and scalar agree to rounding (the SIMD path fuses
