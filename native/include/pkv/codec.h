@@ -8,6 +8,9 @@
  *
  *   bits per value = bits + 32 / PKV_BLOCK   (kv4: 4.5, kv3: 3.5, kv2: 2.5)
  *
+ * The encoder chooses d and m by an error-minimising search (src/block_scale.c);
+ * decode does not depend on how they were chosen.
+ *
  * Layouts (chosen so SIMD/CUDA can unpack with shifts and masks, no branches):
  *   kv4: qs[32]           value j (j<32) = low nibble of qs[j],
  *                         value j+32     = high nibble of qs[j]
