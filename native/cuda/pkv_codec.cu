@@ -4,6 +4,9 @@
 #include "pkv_cuda.cuh"
 #include "pkv/sidestate.h"
 
+#include <climits>
+#include <type_traits>
+
 using namespace pkv;
 
 namespace {
@@ -18,27 +21,45 @@ template <> __device__ __forceinline__ half from_f<half>(float v) { return __flo
 
 constexpr int NT = 128;
 
-/* Block scale and minimum of 64 values held by a warp (lane l: values l and
+/* Block scale and minimum of 64 values (lane l of every warp: values l and
  * l + 32): the error-minimising search of native/src/block_scale.c, candidate
  * for candidate and rounding for rounding (that file says why and what it
- * tries). Here the 8 starting grids run side by side, so a block costs four
- * rounds of warp sums instead of 25 in a row; the winner is the lowest squared
+ * tries), spread over the CTA: warp g runs starting grid g and its three
+ * rounds, warp 0 also the min/max candidate; the winner is the lowest squared
  * error, ties to the lowest candidate index, which is the reference's
- * sequential "strictly better" rule. Every sum is the butterfly whose order
- * block_scale.c's warp_order_sum copies. Inputs must be sanitized. */
+ * sequential "strictly better" rule. One warp running all 8 grids made a
+ * decode step's kv4 store 9.7 us instead of 4.3 (H100, pkv-cuda-test): the
+ * search is a chain of warp reductions, and a decode store has only a few
+ * blocks, so it is latency, not work, that counts. Every sum is the butterfly
+ * whose order block_scale.c's warp_order_sum copies. Inputs must be sanitized. */
 struct block_params { __half dh, mh; float d, m, id; };
 
 constexpr unsigned FULL = 0xffffffffu;
-constexpr int SCALE_GRIDS = 8;     /* starting grids of block_scale.c */
+constexpr int SCALE_GRIDS = 8;     /* starting grids of block_scale.c: one warp each */
 constexpr int SCALE_ROUNDS = 3;    /* fit-and-recode rounds per grid */
+constexpr int SEARCH_THREADS = 32 * SCALE_GRIDS;
 
-template <int N>
-static __device__ __forceinline__ void warp_sums(float (&v)[N]) {
+template <typename T, int N>
+static __device__ __forceinline__ void warp_sums(T (&v)[N]) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
 #pragma unroll
-        for (int k = 0; k < N; k++) v[k] = __fadd_rn(v[k], __shfl_xor_sync(FULL, v[k], o));
+        for (int k = 0; k < N; k++) {
+            if constexpr (std::is_same<T, float>::value) {   /* the reference's float adds, unfused */
+                v[k] = __fadd_rn(v[k], __shfl_xor_sync(FULL, v[k], o));
+            } else {
+                v[k] += __shfl_xor_sync(FULL, v[k], o);
+            }
+        }
     }
+}
+
+/* sum(q) and sum(q^2) of a grid's codes are integers below 2^10 and 2^14: one
+ * int carries both through the butterfly (exact, as the float sums of the
+ * reference are: integers below 2^24 add exactly in any order) */
+static __device__ __forceinline__ uint32_t pack_q_sums(const float c0, const float c1) {
+    const uint32_t a = (uint32_t) c0, b = (uint32_t) c1;
+    return (a + b) | ((a * a + b * b) << 10);
 }
 
 /* code of x against (d, m) with 1/d = id, as the reference rounds it, as a float */
@@ -77,9 +98,14 @@ static __device__ __forceinline__ bool fit_fp16(const float sq, const float sqq,
     return dq > 0.0f && __fadd_rn(__half2float(mh), __fmul_rn((float) ((1 << B) - 1), dq)) <= 65504.0f;
 }
 
+/* Every thread of the CTA (SEARCH_THREADS) must call this, with the same
+ * block in every warp; each gets the same parameters. Two barriers inside. */
 template <int B>
-static __device__ __forceinline__ block_params block_params_warp(const float x0, const float x1, const int lane) {
+static __device__ __forceinline__ block_params block_params_cta(const float x0, const float x1, const int lane,
+                                                                const int warp) {
     constexpr int L = (1 << B) - 1;
+    struct candidate { float err; int idx; unsigned short dh, mh; };
+    __shared__ candidate best_of_warp[SCALE_GRIDS];
     float mn = x0, mx = x0;
     int imn = lane, imx = lane;
     if (x1 < mn) { mn = x1; imn = lane + 32; }
@@ -95,77 +121,81 @@ static __device__ __forceinline__ block_params block_params_warp(const float x0,
         if (omx > mx || (omx == mx && oix < imx)) { mx = omx; imx = oix; }
     }
     /* candidate 0: the min/max rule (d a step smaller if the top level would pass 65504) */
-    const __half bmh0 = __float2half_rn(mn);
-    __half bdh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, __half2float(bmh0)), (float) L)), bmh = bmh0;
+    __half bmh = __float2half_rn(mn);
+    __half bdh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, __half2float(bmh)), (float) L));
     if (__fadd_rn(__half2float(bmh), __fmul_rn((float) L, __half2float(bdh))) > 65504.0f) {
         bdh = __ushort_as_half((unsigned short) (__half_as_ushort(bdh) - 1));
     }
-
     const float range = __fsub_rn(mx, mn);
     const bool search = range > 0.0f && isfinite(__fdiv_rn((float) L, range));
     const float y0 = __fsub_rn(x0, mn), y1 = __fsub_rn(x1, mn);
-    float q[SCALE_GRIDS][2];
-    float s[2 + 3 * SCALE_GRIDS];   /* error of candidate 0, sum(y), then per grid sum q, q^2, q*y */
+
+    /* this warp's starting grid: codes from the minimum (even g) or down from the maximum */
+    const int g = warp;
+    float c0, c1;
     {
-        float c0, c1;
-        s[0] = err_part<B>(x0, x1, __half2float(bdh), __half2float(bmh), c0, c1);
-    }
-    s[1] = __fadd_rn(y0, y1);
-#pragma unroll
-    for (int g = 0; g < SCALE_GRIDS; g++) {
         const float isc = __fdiv_rn(__fadd_rn((float) L - 0.5f, (float) (g >> 1)), range);
         const float v0 = (g & 1) ? __fsub_rn(mx, x0) : y0;
         const float v1 = (g & 1) ? __fsub_rn(mx, x1) : y1;
-        float c0 = floorf(__fadd_rn(__fmul_rn(v0, isc), 0.5f));
-        float c1 = floorf(__fadd_rn(__fmul_rn(v1, isc), 0.5f));
-        c0 = c0 > (float) L ? (float) L : c0;
-        c1 = c1 > (float) L ? (float) L : c1;
-        q[g][0] = (g & 1) ? (float) L - c0 : c0;
-        q[g][1] = (g & 1) ? (float) L - c1 : c1;
-        s[2 + 3 * g + 0] = __fadd_rn(q[g][0], q[g][1]);
-        s[2 + 3 * g + 1] = __fadd_rn(__fmul_rn(q[g][0], q[g][0]), __fmul_rn(q[g][1], q[g][1]));
-        s[2 + 3 * g + 2] = __fadd_rn(__fmul_rn(q[g][0], y0), __fmul_rn(q[g][1], y1));
+        c0 = fminf(floorf(__fadd_rn(__fmul_rn(v0, isc), 0.5f)), (float) L);
+        c1 = fminf(floorf(__fadd_rn(__fmul_rn(v1, isc), 0.5f)), (float) L);
+        c0 = search ? ((g & 1) ? (float) L - c0 : c0) : 0.0f;   /* no search: no NaN into the int casts */
+        c1 = search ? ((g & 1) ? (float) L - c1 : c1) : 0.0f;
     }
+    /* sum(y), the min/max candidate's error, sum(q * y); sum(q) and sum(q^2) packed */
+    float s[3];
+    {
+        float t0, t1;
+        s[0] = __fadd_rn(y0, y1);
+        s[1] = err_part<B>(x0, x1, __half2float(bdh), __half2float(bmh), t0, t1);
+        s[2] = __fadd_rn(__fmul_rn(c0, y0), __fmul_rn(c1, y1));
+    }
+    uint32_t sq[1] = { pack_q_sums(c0, c1) };
     warp_sums(s);
-    float best = s[0];
-    int best_i = 0;
-    const float sy = s[1];
-    bool alive[SCALE_GRIDS];
-#pragma unroll
-    for (int g = 0; g < SCALE_GRIDS; g++) alive[g] = search;
+    warp_sums(sq);
+    const float sy = s[0];
+    float best = warp == 0 ? s[1] : INFINITY;
+    int best_i = warp == 0 ? 0 : INT_MAX;
+    bool alive = search;
 #pragma unroll
     for (int r = 0; r < SCALE_ROUNDS; r++) {
-        float e[4 * SCALE_GRIDS];   /* per grid: error of this round's candidate, then its sums */
-        __half dh[SCALE_GRIDS], mh[SCALE_GRIDS];
-#pragma unroll
-        for (int g = 0; g < SCALE_GRIDS; g++) {
-            alive[g] = alive[g] && fit_fp16<B>(s[2 + 3 * g], s[2 + 3 * g + 1], s[2 + 3 * g + 2], sy, mn, dh[g], mh[g]);
-            float c0 = 0.0f, c1 = 0.0f;
-            e[4 * g] = alive[g] ? err_part<B>(x0, x1, __half2float(dh[g]), __half2float(mh[g]), c0, c1) : 0.0f;
-            e[4 * g + 1] = __fadd_rn(c0, c1);
-            e[4 * g + 2] = __fadd_rn(__fmul_rn(c0, c0), __fmul_rn(c1, c1));
-            e[4 * g + 3] = __fadd_rn(__fmul_rn(c0, y0), __fmul_rn(c1, y1));
+        __half dh, mh;
+        alive = alive && fit_fp16<B>((float) (sq[0] & 1023u), (float) (sq[0] >> 10), s[2], sy, mn, dh, mh);
+        c0 = c1 = 0.0f;
+        float e[2];
+        e[0] = alive ? err_part<B>(x0, x1, __half2float(dh), __half2float(mh), c0, c1) : 0.0f;
+        if (r < SCALE_ROUNDS - 1) {               /* the last round's candidates are scored, not refitted */
+            e[1] = __fadd_rn(__fmul_rn(c0, y0), __fmul_rn(c1, y1));
+            sq[0] = pack_q_sums(c0, c1);
+            warp_sums(e);
+            warp_sums(sq);
+            s[2] = e[1];
+        } else {
+            float el[1] = { e[0] };
+            warp_sums(el);
+            e[0] = el[0];
         }
-        warp_sums(e);   /* the last round's fit sums are not used: one pass either way */
-#pragma unroll
-        for (int g = 0; g < SCALE_GRIDS; g++) {
-            const int idx = 1 + SCALE_ROUNDS * g + r;
-            if (alive[g] && (e[4 * g] < best || (e[4 * g] == best && idx < best_i))) {
-                best = e[4 * g];
-                best_i = idx;
-                bdh = dh[g];
-                bmh = mh[g];
-            }
-            s[2 + 3 * g + 0] = e[4 * g + 1];
-            s[2 + 3 * g + 1] = e[4 * g + 2];
-            s[2 + 3 * g + 2] = e[4 * g + 3];
+        if (alive && e[0] < best) {               /* candidate index 1 + 3 g + r grows with r */
+            best = e[0];
+            best_i = 1 + SCALE_ROUNDS * g + r;
+            bdh = dh;
+            bmh = mh;
         }
     }
+    if (lane == 0) best_of_warp[warp] = { best, best_i, __half_as_ushort(bdh), __half_as_ushort(bmh) };
+    __syncthreads();
+    candidate w = best_of_warp[0];
+#pragma unroll
+    for (int k = 1; k < SCALE_GRIDS; k++) {
+        const candidate c = best_of_warp[k];
+        if (c.err < w.err || (c.err == w.err && c.idx < w.idx)) w = c;
+    }
+    __syncthreads();                              /* best_of_warp is free for the next call */
     block_params p;
-    p.dh = bdh;
-    p.mh = bmh;
-    p.m  = __half2float(bmh);
-    p.d  = __half2float(bdh);
+    p.dh = __ushort_as_half(w.dh);
+    p.mh = __ushort_as_half(w.mh);
+    p.m  = __half2float(p.mh);
+    p.d  = __half2float(p.dh);
     p.id = p.d > 0.0f ? __frcp_rn(p.d) : 0.0f;
     return p;
 }
@@ -210,16 +240,15 @@ static __device__ __forceinline__ void pack_block_warp(const uint32_t c0, const 
     }
 }
 
-/* One warp per destination block: lane l holds values l and l + 32. Decode
- * writes one row (a few blocks), so a thread-per-block encoder would leave
- * most of a warp idle and run its 64-value min/max chains serially. Same
- * arithmetic per value as the C reference (kvblock.c, block_scale.c). */
+/* One CTA of SEARCH_THREADS per destination block (lane l of each warp holds
+ * values l and l + 32; the warps share the scale search), warp 0 writes the
+ * block. Same arithmetic per value as the C reference (kvblock.c, block_scale.c). */
 template <int B>
-static __device__ __forceinline__ void encode_block_warp(float x0, float x1, uint8_t * out, const int lane) {
+static __device__ __forceinline__ void encode_block_cta(float x0, float x1, uint8_t * out, const int lane, const int warp) {
     x0 = sanitize(x0);
     x1 = sanitize(x1);
-    const block_params p = block_params_warp<B>(x0, x1, lane);
-    pack_block_warp<B>(code_of<B>(x0, p), code_of<B>(x1, p), p, out, lane);
+    const block_params p = block_params_cta<B>(x0, x1, lane, warp);
+    if (warp == 0) pack_block_warp<B>(code_of<B>(x0, p), code_of<B>(x1, p), p, out, lane);
 }
 
 template <int B, typename src_t, typename idx_t>
@@ -228,11 +257,11 @@ __global__ void k_set_rows(const char * src, const char * idx, char * dst,     /
                            const size_t nb01, const size_t nb02, const size_t nb03,
                            const int64_t ne11, const int64_t ne12, const size_t nb10, const size_t nb11, const size_t nb12,
                            const size_t nb1, const size_t nb2, const size_t nb3) {
-    const int64_t i = (int64_t) blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    const int lane = threadIdx.x & 31;
+    const int64_t i = blockIdx.x;         /* one CTA per destination block */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     pdl_wait();                           /* the rows come from the kernel just before */
     pdl_trigger();
-    if (i >= nblocks) return;             /* whole warps */
+    if (i >= nblocks) return;             /* whole CTAs */
     const int64_t ib  = i % nblk_row;
     int64_t r = i / nblk_row;
     const int64_t i01 = r % ne01; r /= ne01;
@@ -241,7 +270,7 @@ __global__ void k_set_rows(const char * src, const char * idx, char * dst,     /
     const int64_t row = (int64_t) *(const idx_t *) (idx + i01 * nb10 + (i02 % ne11) * nb11 + (i03 % ne12) * nb12);
     const src_t * x = (const src_t *) (src + i01 * nb01 + i02 * nb02 + i03 * nb03) + ib * PKV_BLOCK;
     uint8_t * out = (uint8_t *) (dst + row * nb1 + i02 * nb2 + i03 * nb3 + ib * fmt<B>::bytes);
-    encode_block_warp<B>(to_f<src_t>(x[lane]), to_f<src_t>(x[lane + 32]), out, lane);
+    encode_block_cta<B>(to_f<src_t>(x[lane]), to_f<src_t>(x[lane + 32]), out, lane, warp);
 }
 
 /* SQuat key encoder (the CUDA twin of pkv_squat_quantize_row_ref, squat.c):
@@ -251,10 +280,12 @@ __global__ void k_set_rows(const char * src, const char * idx, char * dst,     /
  * the reference's roundings (fma where it fuses, nothing else fused). The
  * update chain is serial in j, so one warp encodes one (token, head) row with
  * the values in registers (lane l: values 64 b + l and 64 b + 32 + l of block
- * b). One CTA per head and group of SQ_NW tokens: the head's U (upper
- * triangle, fp16, as the host side state keeps it: pkv_squat_pack) and the
- * reciprocals of its diagonal are staged in shared memory once. */
-constexpr int SQ_NW = 4;
+ * b). One CTA of SEARCH_THREADS per (token, head): warp 0 runs the chain, and
+ * at each block start all warps run the block's scale search on the values
+ * warp 0 has reached (block_params_cta; one warp alone took a decode step's
+ * encoder from 14.3 to 35 us on an H100). The head's U (upper triangle, fp16,
+ * as the host side state keeps it: pkv_squat_pack) and the reciprocals of its
+ * diagonal are staged in shared memory by the whole CTA. */
 
 static __host__ __device__ constexpr int squat_packed_len(int D) { return D * (D + 1) / 2; }
 
@@ -264,7 +295,7 @@ static __host__ __device__ constexpr size_t squat_smem_bytes(int D) {
 }
 
 template <int B, int D, typename idx_t>
-__global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src, const char * idx, char * dst,
+__global__ void __launch_bounds__(SEARCH_THREADS) k_squat_set_rows(const char * src, const char * idx, char * dst,
         const uint16_t * Up, const float * mu, const int64_t n_tok, const size_t nb01, const size_t nb10, const size_t nb1) {
     constexpr int NB = D / PKV_BLOCK;               /* blocks per head row */
     constexpr int PL = squat_packed_len(D);
@@ -282,22 +313,23 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
         const uint4 * u4 = (const uint4 *) uh;
         uint4 * s4 = (uint4 *) su;
 #pragma unroll 8
-        for (int i = threadIdx.x; i < PL / 8; i += SQ_NW * 32) s4[i] = u4[i];
+        for (int i = threadIdx.x; i < PL / 8; i += SEARCH_THREADS) s4[i] = u4[i];
     } else {
-        for (int i = threadIdx.x; i < PL; i += SQ_NW * 32) su[i] = uh[i];
+        for (int i = threadIdx.x; i < PL; i += SEARCH_THREADS) su[i] = uh[i];
     }
     __syncthreads();
     /* 1/U[j][j] (correctly rounded, as the reference's 1.0f / ujj; 0: no error
      * propagated), off the serial chain below */
-    for (int j = threadIdx.x; j < D; j += SQ_NW * 32) {
+    for (int j = threadIdx.x; j < D; j += SEARCH_THREADS) {
         const float ujj = __half2float(su[j * D - j * (j - 1) / 2]);
         rinv[j] = (ujj > 0.0f && isfinite(ujj)) ? __frcp_rn(ujj) : 0.0f;
     }
     pdl_wait();                                     /* the rows come from the kernel just before */
     pdl_trigger();
     __syncthreads();
-    const int64_t t = (int64_t) blockIdx.x * SQ_NW + warp;
-    if (t >= n_tok) return;                         /* whole warps, after the only barriers */
+    const int64_t t = blockIdx.x;                   /* one token per CTA */
+    if (t >= n_tok) return;                         /* whole CTAs */
+    __shared__ float xs[PKV_BLOCK];                 /* the block warp 0 has reached, for the search */
 
     const float * x = (const float *) (src + t * nb01) + (size_t) h * D;
     /* the key's center row (centering side state, side_center.cpp) subtracted
@@ -323,7 +355,13 @@ __global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src,
      * is known. */
 #pragma unroll
     for (int b = 0; b < NB; b++) {
-        const block_params p = block_params_warp<B>(sanitize(w[2 * b]), sanitize(w[2 * b + 1]), lane);
+        if (warp == 0) {
+            xs[lane] = sanitize(w[2 * b]);
+            xs[lane + 32] = sanitize(w[2 * b + 1]);
+        }
+        __syncthreads();
+        const block_params p = block_params_cta<B>(xs[lane], xs[lane + 32], lane, warp);
+        if (warp != 0) continue;                    /* the chain is warp 0's */
         uint32_t c[2] = { 0, 0 };
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
@@ -366,14 +404,14 @@ template <int B, int D>
 int squat_set_rows_d(const void * src, const void * idx, int idx_i64, const void * Up, const float * mu, int n_head,
                      void * dst, int64_t n_tok, size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream) {
     const size_t smem = squat_smem_bytes(D);
-    const dim3 grid((unsigned) ((n_tok + SQ_NW - 1) / SQ_NW), (unsigned) n_head);
+    const dim3 grid((unsigned) n_tok, (unsigned) n_head);
     auto kern = idx_i64 ? k_squat_set_rows<B, D, int64_t> : k_squat_set_rows<B, D, int32_t>;
     if (smem > 48 * 1024) {
         static bool raised[2][PKV_MAX_DEVICES] = {};   /* per idx type and device */
         const cudaError_t e = raise_smem_limit(kern, (int) smem, raised[idx_i64 ? 1 : 0]);
         if (e != cudaSuccess) return (int) e;
     }
-    return (int) pdl_launch(kern, grid, dim3(SQ_NW * 32), smem, stream, (const char *) src, (const char *) idx,
+    return (int) pdl_launch(kern, grid, dim3(SEARCH_THREADS), smem, stream, (const char *) src, (const char *) idx,
                             (char *) dst, (const uint16_t *) Up, mu, n_tok, nb01, nb10, nb1);
 }
 
@@ -396,12 +434,12 @@ int set_rows_t(const void * src, const void * idx, int idx_i64, void * dst,
     const int64_t nblk_row = ne00 / PKV_BLOCK;
     const int64_t nblocks  = nblk_row * ne01 * ne02 * ne03;
     if (nblocks == 0) return 0;
-    const dim3 grid((unsigned) ((nblocks + NT / 32 - 1) / (NT / 32)));   /* a warp per block */
+    const dim3 grid((unsigned) nblocks);  /* a CTA per block */
     if (idx_i64) {
-        return (int) pdl_launch(k_set_rows<B, src_t, int64_t>, grid, dim3(NT), 0, stream, (const char *) src, (const char *) idx,
+        return (int) pdl_launch(k_set_rows<B, src_t, int64_t>, grid, dim3(SEARCH_THREADS), 0, stream, (const char *) src, (const char *) idx,
             (char *) dst, nblk_row, ne01, ne02, nblocks, nb01, nb02, nb03, ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3);
     }
-    return (int) pdl_launch(k_set_rows<B, src_t, int32_t>, grid, dim3(NT), 0, stream, (const char *) src, (const char *) idx,
+    return (int) pdl_launch(k_set_rows<B, src_t, int32_t>, grid, dim3(SEARCH_THREADS), 0, stream, (const char *) src, (const char *) idx,
         (char *) dst, nblk_row, ne01, ne02, nblocks, nb01, nb02, nb03, ne11, ne12, nb10, nb11, nb12, nb1, nb2, nb3);
 }
 
@@ -426,17 +464,17 @@ static __device__ __forceinline__ size_t our_block_offs(const dims4 & q, const i
     return (i0 / PKV_BLOCK) * fmt<B>::bytes + i1 * q.nb[1] + i2 * q.nb[2] + i3 * q.nb[3];
 }
 
-/* f32 -> ours: one warp per block of ours (the set_rows encoder, lane l:
- * values l and l + 32); element order = row-major order of each tensor */
+/* f32 -> ours: one CTA per block of ours (the set_rows encoder);
+ * element order = row-major order of each tensor */
 template <int B>
 __global__ void k_cpy_to_ours(const char * __restrict__ src, char * __restrict__ dst, const dims4 f, const dims4 q,
                               const int64_t nblocks) {
-    const int64_t i = (int64_t) blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    const int lane = threadIdx.x & 31;
-    if (i >= nblocks) return;                   /* whole warps */
+    const int64_t i = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (i >= nblocks) return;                   /* whole CTAs */
     const int64_t e0 = i * PKV_BLOCK;           /* first element, also in ours: ne[0] % 64 == 0 */
-    encode_block_warp<B>(*(const float *) (src + offs_of(f, e0 + lane)), *(const float *) (src + offs_of(f, e0 + lane + 32)),
-                         (uint8_t *) dst + our_block_offs<B>(q, e0), lane);
+    encode_block_cta<B>(*(const float *) (src + offs_of(f, e0 + lane)), *(const float *) (src + offs_of(f, e0 + lane + 32)),
+                        (uint8_t *) dst + our_block_offs<B>(q, e0), lane, warp);
 }
 
 /* ours -> f32: one thread per block of ours */
@@ -537,8 +575,7 @@ int set_rows_b(const void * src, int src_type, const void * idx, int idx_i64, vo
 template <int B>
 int cpy_b(int to_ours, const void * src, void * dst, const dims4 & f, const dims4 & q, int64_t nblocks, cudaStream_t stream) {
     if (to_ours) {
-        const dim3 grid((unsigned) ((nblocks + NT / 32 - 1) / (NT / 32)));
-        k_cpy_to_ours<B><<<grid, NT, 0, stream>>>((const char *) src, (char *) dst, f, q, nblocks);
+        k_cpy_to_ours<B><<<dim3((unsigned) nblocks), SEARCH_THREADS, 0, stream>>>((const char *) src, (char *) dst, f, q, nblocks);
     } else {
         const dim3 grid((unsigned) ((nblocks + NT - 1) / NT));
         k_cpy_from_ours<B><<<grid, NT, 0, stream>>>((const char *) src, (char *) dst, f, q, nblocks);
