@@ -52,7 +52,7 @@ def _stored_error(x, d, m, L):
 
 
 def minmax_f32(x, bits):
-    """The search's candidate 0, float32: m = fp16(min), d = fp16((max - m) / L),
+    """The search's candidate 0 and SQuat's block rule, float32: m = fp16(min), d = fp16((max - m) / L),
     d one fp16 step smaller where m + L d would pass 65504."""
     L = (1 << bits) - 1
     x = sanitize(x).reshape(-1, B)

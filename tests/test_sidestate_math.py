@@ -459,7 +459,7 @@ def unpack_codes(packed, bits, n):
 
 def squat_encode_ref(K, U, bits):
     """numpy reference of pkv_squat_quantize_row, vectorised over keys, in the
-    encoder's float32: block scale/min (tests/block_scale_ref.py) and the
+    encoder's float32: block scale/min by the min/max rule (tests/block_scale_ref.py) and the
     rounding expression as the codec computes them; the error times the rounded reciprocal of U[j][j]; each OBS
     update one fused multiply-add (emulated: the float32 product is exact in
     float64, then one rounding to float32 -- a double rounding that can differ
@@ -480,7 +480,7 @@ def squat_encode_ref(K, U, bits):
     for b in range(d // B):
         cols = slice(b * B, (b + 1) * B)
         wf = san32(w[:, cols])
-        dq, m = bsr.block_scale_f32(wf, bits)           # the plain encoder's scale search
+        dq, m = bsr.minmax_f32(wf, bits)                # SQuat's block rule: min/max, no search
         with np.errstate(divide="ignore"):
             inv = np.where(dq > 0, np.float32(1) / dq, np.float32(0)).astype(np.float32)
         for j in range(b * B, (b + 1) * B):
@@ -536,8 +536,8 @@ def test_squat_encoder_matches_reference(bits, d):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_squat_identity_is_plain_codec(bits, d):
-    """U = I (all-zero queries): byte-identical to pkv_quantize_row, including
-    the NaN/Inf policy."""
+    """U = I (all-zero queries): the plain block code with the min/max rule
+    (SQuat's block rule), byte for byte, including the NaN/Inf policy."""
     rng = np.random.default_rng()
     U = native.squat_prepare(np.zeros((16, d), np.float32), d, 8, 100.0)
     np.testing.assert_array_equal(U, np.eye(d, dtype=np.float32))
@@ -547,7 +547,13 @@ def test_squat_identity_is_plain_codec(bits, d):
             k[rng.integers(d)] = np.nan
             k[rng.integers(d)] = np.inf
             k[rng.integers(d)] = -1e30
-        np.testing.assert_array_equal(native.squat_quantize_row(bits, k, U), native.quantize(bits, k))
+        got = native.squat_quantize_row(bits, k, U)
+        d_, m_ = bsr.minmax_f32(k, bits)
+        codes = bsr._codes(bsr.sanitize(k).reshape(-1, B), d_, m_, 2**bits - 1).astype(np.int64)
+        np.testing.assert_array_equal(unpack_codes(got, bits, d), codes)
+        blk = np.asarray(got, np.uint8).reshape(d // B, -1)
+        np.testing.assert_array_equal(blk[:, 0:2].copy().view(np.float16).astype(np.float32).ravel(), d_)
+        np.testing.assert_array_equal(blk[:, 2:4].copy().view(np.float16).astype(np.float32).ravel(), m_)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -608,9 +614,12 @@ def test_squat_error_leaves_query_subspace(d, r, seed):
     Q = qhat_ref(q, r, True)
     K = rng.standard_normal((200, d)).astype(np.float32)
     Kd = K.astype(np.float64)
+    I = np.eye(d, dtype=np.float32)
     for bits in BITS:
         k_sq = np.array([native.dequantize(bits, native.squat_quantize_row(bits, k, U), d) for k in K], np.float64)
-        k_pl = np.array([native.dequantize(bits, native.quantize(bits, k), d) for k in K], np.float64)
+        # plain = the same block rule without the OBS updates (U = I: SQuat's
+        # min/max scales; the plain kv encoder's scale search is another lever)
+        k_pl = np.array([native.dequantize(bits, native.squat_quantize_row(bits, k, I), d) for k in K], np.float64)
         sub_sq = np.linalg.norm((k_sq - Kd) @ Q.T, axis=1).mean()
         sub_pl = np.linalg.norm((k_pl - Kd) @ Q.T, axis=1).mean()
         tot_sq = np.linalg.norm(k_sq - Kd, axis=1).mean()

@@ -98,6 +98,58 @@ static __device__ __forceinline__ bool fit_fp16(const float sq, const float sqq,
     return dq > 0.0f && __fadd_rn(__half2float(mh), __fmul_rn((float) ((1 << B) - 1), dq)) <= 65504.0f;
 }
 
+/* min and max of the warp's 64 values; ties keep the lowest index, i.e. the
+ * reference's first occurrence (matters only for +-0) */
+static __device__ __forceinline__ void minmax_warp(const float x0, const float x1, const int lane, float & mn, float & mx) {
+    mn = x0;
+    mx = x0;
+    int imn = lane, imx = lane;
+    if (x1 < mn) { mn = x1; imn = lane + 32; }
+    if (x1 > mx) { mx = x1; imx = lane + 32; }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float omn = __shfl_xor_sync(FULL, mn, o);
+        const int   oin = __shfl_xor_sync(FULL, imn, o);
+        const float omx = __shfl_xor_sync(FULL, mx, o);
+        const int   oix = __shfl_xor_sync(FULL, imx, o);
+        if (omn < mn || (omn == mn && oin < imn)) { mn = omn; imn = oin; }
+        if (omx > mx || (omx == mx && oix < imx)) { mx = omx; imx = oix; }
+    }
+}
+
+/* block_scale.c's min/max rule (the search's candidate 0, SQuat's block rule):
+ * m = fp16(min), d = fp16((max - m) / L), d a step smaller if the top level
+ * would pass 65504 */
+template <int B>
+static __device__ __forceinline__ void minmax_rule(const float mn, const float mx, __half & dh, __half & mh) {
+    constexpr int L = (1 << B) - 1;
+    mh = __float2half_rn(mn);
+    dh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, __half2float(mh)), (float) L));
+    if (__fadd_rn(__half2float(mh), __fmul_rn((float) L, __half2float(dh))) > 65504.0f) {
+        dh = __ushort_as_half((unsigned short) (__half_as_ushort(dh) - 1));
+    }
+}
+
+static __device__ __forceinline__ block_params params_of(const __half dh, const __half mh) {
+    block_params p;
+    p.dh = dh;
+    p.mh = mh;
+    p.m  = __half2float(mh);
+    p.d  = __half2float(dh);
+    p.id = p.d > 0.0f ? __frcp_rn(p.d) : 0.0f;
+    return p;
+}
+
+/* SQuat's block rule on one warp (no search: see squat.c) */
+template <int B>
+static __device__ __forceinline__ block_params block_params_minmax_warp(const float x0, const float x1, const int lane) {
+    float mn, mx;
+    minmax_warp(x0, x1, lane, mn, mx);
+    __half dh, mh;
+    minmax_rule<B>(mn, mx, dh, mh);
+    return params_of(dh, mh);
+}
+
 /* Every thread of the CTA (SEARCH_THREADS) must call this, with the same
  * block in every warp; each gets the same parameters. Two barriers inside. */
 template <int B>
@@ -106,26 +158,10 @@ static __device__ __forceinline__ block_params block_params_cta(const float x0, 
     constexpr int L = (1 << B) - 1;
     struct candidate { float err; int idx; unsigned short dh, mh; };
     __shared__ candidate best_of_warp[SCALE_GRIDS];
-    float mn = x0, mx = x0;
-    int imn = lane, imx = lane;
-    if (x1 < mn) { mn = x1; imn = lane + 32; }
-    if (x1 > mx) { mx = x1; imx = lane + 32; }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        /* ties keep the lowest index: the reference's first occurrence (matters only for +-0) */
-        const float omn = __shfl_xor_sync(FULL, mn, o);
-        const int   oin = __shfl_xor_sync(FULL, imn, o);
-        const float omx = __shfl_xor_sync(FULL, mx, o);
-        const int   oix = __shfl_xor_sync(FULL, imx, o);
-        if (omn < mn || (omn == mn && oin < imn)) { mn = omn; imn = oin; }
-        if (omx > mx || (omx == mx && oix < imx)) { mx = omx; imx = oix; }
-    }
-    /* candidate 0: the min/max rule (d a step smaller if the top level would pass 65504) */
-    __half bmh = __float2half_rn(mn);
-    __half bdh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, __half2float(bmh)), (float) L));
-    if (__fadd_rn(__half2float(bmh), __fmul_rn((float) L, __half2float(bdh))) > 65504.0f) {
-        bdh = __ushort_as_half((unsigned short) (__half_as_ushort(bdh) - 1));
-    }
+    float mn, mx;
+    minmax_warp(x0, x1, lane, mn, mx);
+    __half bdh, bmh;
+    minmax_rule<B>(mn, mx, bdh, bmh);
     const float range = __fsub_rn(mx, mn);
     const bool search = range > 0.0f && isfinite(__fdiv_rn((float) L, range));
     const float y0 = __fsub_rn(x0, mn), y1 = __fsub_rn(x1, mn);
@@ -191,13 +227,7 @@ static __device__ __forceinline__ block_params block_params_cta(const float x0, 
         if (c.err < w.err || (c.err == w.err && c.idx < w.idx)) w = c;
     }
     __syncthreads();                              /* best_of_warp is free for the next call */
-    block_params p;
-    p.dh = __ushort_as_half(w.dh);
-    p.mh = __ushort_as_half(w.mh);
-    p.m  = __half2float(p.mh);
-    p.d  = __half2float(p.dh);
-    p.id = p.d > 0.0f ? __frcp_rn(p.d) : 0.0f;
-    return p;
+    return params_of(__ushort_as_half(w.dh), __ushort_as_half(w.mh));
 }
 
 /* The reference's code of one value: round((x - m) / d) clamped to [0, L],
@@ -274,18 +304,17 @@ __global__ void k_set_rows(const char * src, const char * idx, char * dst,     /
 }
 
 /* SQuat key encoder (the CUDA twin of pkv_squat_quantize_row_ref, squat.c):
- * per block, the scale and minimum from the current error-updated values, then
+ * per block, the scale and minimum from the current error-updated values (the
+ * min/max rule, not the plain encoder's search: see squat.c), then
  * value by value the code, its error times 1/U[j][j], and the OBS update
  * w[c] -= err * U[j][c] of every later value of the head, all in float32 with
  * the reference's roundings (fma where it fuses, nothing else fused). The
  * update chain is serial in j, so one warp encodes one (token, head) row with
  * the values in registers (lane l: values 64 b + l and 64 b + 32 + l of block
- * b). One CTA of SEARCH_THREADS per (token, head): warp 0 runs the chain, and
- * at each block start all warps run the block's scale search on the values
- * warp 0 has reached (block_params_cta; one warp alone took a decode step's
- * encoder from 14.3 to 35 us on an H100). The head's U (upper triangle, fp16,
- * as the host side state keeps it: pkv_squat_pack) and the reciprocals of its
- * diagonal are staged in shared memory by the whole CTA. */
+ * b). One CTA per head and group of SQ_NW tokens: the head's U (upper
+ * triangle, fp16, as the host side state keeps it: pkv_squat_pack) and the
+ * reciprocals of its diagonal are staged in shared memory once. */
+constexpr int SQ_NW = 4;
 
 static __host__ __device__ constexpr int squat_packed_len(int D) { return D * (D + 1) / 2; }
 
@@ -295,7 +324,7 @@ static __host__ __device__ constexpr size_t squat_smem_bytes(int D) {
 }
 
 template <int B, int D, typename idx_t>
-__global__ void __launch_bounds__(SEARCH_THREADS) k_squat_set_rows(const char * src, const char * idx, char * dst,
+__global__ void __launch_bounds__(SQ_NW * 32) k_squat_set_rows(const char * src, const char * idx, char * dst,
         const uint16_t * Up, const float * mu, const int64_t n_tok, const size_t nb01, const size_t nb10, const size_t nb1) {
     constexpr int NB = D / PKV_BLOCK;               /* blocks per head row */
     constexpr int PL = squat_packed_len(D);
@@ -313,23 +342,22 @@ __global__ void __launch_bounds__(SEARCH_THREADS) k_squat_set_rows(const char * 
         const uint4 * u4 = (const uint4 *) uh;
         uint4 * s4 = (uint4 *) su;
 #pragma unroll 8
-        for (int i = threadIdx.x; i < PL / 8; i += SEARCH_THREADS) s4[i] = u4[i];
+        for (int i = threadIdx.x; i < PL / 8; i += SQ_NW * 32) s4[i] = u4[i];
     } else {
-        for (int i = threadIdx.x; i < PL; i += SEARCH_THREADS) su[i] = uh[i];
+        for (int i = threadIdx.x; i < PL; i += SQ_NW * 32) su[i] = uh[i];
     }
     __syncthreads();
     /* 1/U[j][j] (correctly rounded, as the reference's 1.0f / ujj; 0: no error
      * propagated), off the serial chain below */
-    for (int j = threadIdx.x; j < D; j += SEARCH_THREADS) {
+    for (int j = threadIdx.x; j < D; j += SQ_NW * 32) {
         const float ujj = __half2float(su[j * D - j * (j - 1) / 2]);
         rinv[j] = (ujj > 0.0f && isfinite(ujj)) ? __frcp_rn(ujj) : 0.0f;
     }
     pdl_wait();                                     /* the rows come from the kernel just before */
     pdl_trigger();
     __syncthreads();
-    const int64_t t = blockIdx.x;                   /* one token per CTA */
-    if (t >= n_tok) return;                         /* whole CTAs */
-    __shared__ float xs[PKV_BLOCK];                 /* the block warp 0 has reached, for the search */
+    const int64_t t = (int64_t) blockIdx.x * SQ_NW + warp;
+    if (t >= n_tok) return;                         /* whole warps, after the only barriers */
 
     const float * x = (const float *) (src + t * nb01) + (size_t) h * D;
     /* the key's center row (centering side state, side_center.cpp) subtracted
@@ -355,18 +383,12 @@ __global__ void __launch_bounds__(SEARCH_THREADS) k_squat_set_rows(const char * 
      * is known. */
 #pragma unroll
     for (int b = 0; b < NB; b++) {
-        if (warp == 0) {
-            xs[lane] = sanitize(w[2 * b]);
-            xs[lane + 32] = sanitize(w[2 * b + 1]);
-        }
-        __syncthreads();
-        const block_params p = block_params_cta<B>(xs[lane], xs[lane + 32], lane, warp);
-        if (warp != 0) continue;                    /* the chain is warp 0's */
+        const block_params p = block_params_minmax_warp<B>(sanitize(w[2 * b]), sanitize(w[2 * b + 1]), lane);
         uint32_t c[2] = { 0, 0 };
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
             const int slot = 2 * b + hh;
-            float wj = __shfl_sync(0xffffffffu, w[slot], 0);   /* column 32 slot, fully updated */
+            float wj = __shfl_sync(FULL, w[slot], 0);   /* column 32 slot, fully updated */
             /* Not fully unrolled: 128 unrolled steps (D = 128) are ~80 KB of straight
              * code that one warp runs once, so every step missed the instruction
              * cache (ncu, which flushes the caches: 72 us per launch; back to back:
@@ -382,7 +404,7 @@ __global__ void __launch_bounds__(SEARCH_THREADS) k_squat_set_rows(const char * 
                     const int cidx = 32 * k + lane;
                     u[k] = cidx > j ? __half2float(urow[cidx]) : 0.0f;
                 }
-                const float ynext = __shfl_sync(0xffffffffu, w[slot], (o + 1) & 31);   /* column j+1 (o < 31) */
+                const float ynext = __shfl_sync(FULL, w[slot], (o + 1) & 31);   /* column j+1 (o < 31) */
                 const float unext = o < 31 ? __half2float(urow[j + 1]) : 0.0f;
                 const uint32_t code = code_of<B>(sanitize(wj), p);
                 const float qv = __fmaf_rn(p.d, (float) code, p.m);
@@ -404,14 +426,14 @@ template <int B, int D>
 int squat_set_rows_d(const void * src, const void * idx, int idx_i64, const void * Up, const float * mu, int n_head,
                      void * dst, int64_t n_tok, size_t nb01, size_t nb10, size_t nb1, cudaStream_t stream) {
     const size_t smem = squat_smem_bytes(D);
-    const dim3 grid((unsigned) n_tok, (unsigned) n_head);
+    const dim3 grid((unsigned) ((n_tok + SQ_NW - 1) / SQ_NW), (unsigned) n_head);
     auto kern = idx_i64 ? k_squat_set_rows<B, D, int64_t> : k_squat_set_rows<B, D, int32_t>;
     if (smem > 48 * 1024) {
         static bool raised[2][PKV_MAX_DEVICES] = {};   /* per idx type and device */
         const cudaError_t e = raise_smem_limit(kern, (int) smem, raised[idx_i64 ? 1 : 0]);
         if (e != cudaSuccess) return (int) e;
     }
-    return (int) pdl_launch(kern, grid, dim3(SEARCH_THREADS), smem, stream, (const char *) src, (const char *) idx,
+    return (int) pdl_launch(kern, grid, dim3(SQ_NW * 32), smem, stream, (const char *) src, (const char *) idx,
                             (char *) dst, (const uint16_t *) Up, mu, n_tok, nb01, nb10, nb1);
 }
 

@@ -81,19 +81,39 @@ static int fit_fp16(int L, const float * q, const float * y, float sy, float mn,
     return dq > 0.0f && pkv_fp16_to_fp32(*mh) + (float) L * dq <= 65504.0f;
 }
 
+static void block_minmax(const float * x, float * mn, float * mx) {
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < PKV_BLOCK; i++) {
+        lo = x[i] < lo ? x[i] : lo;     /* ties keep the first (matters only for +-0) */
+        hi = x[i] > hi ? x[i] : hi;
+    }
+    *mn = lo;
+    *mx = hi;
+}
+
+/* The min/max rule: m = fp16(min), d = fp16((max - m) / L), d one fp16 step
+ * smaller where rounding it up would put the top level beyond 65504 (Inf in
+ * an fp16 tile). */
+static void minmax_rule(int L, float mn, float mx, uint16_t * dh, uint16_t * mh) {
+    *mh = pkv_fp32_to_fp16(mn);
+    *dh = pkv_fp32_to_fp16((mx - pkv_fp16_to_fp32(*mh)) / (float) L);
+    if (pkv_fp16_to_fp32(*mh) + (float) L * pkv_fp16_to_fp32(*dh) > 65504.0f) (*dh)--;
+}
+
+void pkv_block_scale_minmax(int bits, const float * x, uint16_t * d_out, uint16_t * m_out) {
+    float mn, mx;
+    block_minmax(x, &mn, &mx);
+    minmax_rule((1 << bits) - 1, mn, mx, d_out, m_out);
+}
+
 /* x: 64 sanitized values (finite, within the fp16 range). */
 void pkv_block_scale_search(int bits, const float * x, uint16_t * d_out, uint16_t * m_out) {
     const int L = (1 << bits) - 1;
-    float mn = x[0], mx = x[0];
-    for (int i = 1; i < PKV_BLOCK; i++) {
-        mn = x[i] < mn ? x[i] : mn;
-        mx = x[i] > mx ? x[i] : mx;
-    }
-    /* candidate 0: the min/max rule; d one fp16 step smaller where rounding it
-     * up would put the top level beyond 65504 (Inf in an fp16 tile) */
-    uint16_t bm = pkv_fp32_to_fp16(mn);
-    uint16_t bd = pkv_fp32_to_fp16((mx - pkv_fp16_to_fp32(bm)) / (float) L);
-    if (pkv_fp16_to_fp32(bm) + (float) L * pkv_fp16_to_fp32(bd) > 65504.0f) bd--;
+    float mn, mx;
+    block_minmax(x, &mn, &mx);
+    /* candidate 0: the min/max rule */
+    uint16_t bd, bm;
+    minmax_rule(L, mn, mx, &bd, &bm);
     float q[PKV_BLOCK];
     float best = stored_error(L, x, pkv_fp16_to_fp32(bd), pkv_fp16_to_fp32(bm), q);
 

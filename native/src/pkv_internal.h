@@ -3,8 +3,10 @@
 #define PKV_INTERNAL_H
 #include "pkv/codec.h"
 
-/* d and m of one block of 64 sanitized values (block_scale.c) */
+/* d and m of one block of 64 sanitized values (block_scale.c): the plain
+ * encoders' error-minimising search, and the min/max rule SQuat keeps */
 void  pkv_block_scale_search(int bits, const float * x, uint16_t * d, uint16_t * m);
+void  pkv_block_scale_minmax(int bits, const float * x, uint16_t * d, uint16_t * m);
 void  pkv_encode_block(int bits, const float * x, uint16_t * d, uint16_t * m, uint8_t * codes);
 void  pkv_pack_codes(int bits, const uint8_t * codes, uint8_t * payload);
 void  pkv_unpack_codes(int bits, const uint8_t * payload, uint8_t * codes);

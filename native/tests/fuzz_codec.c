@@ -686,11 +686,25 @@ static void check_squat(int iters) {
         for (int i = 0; i < d; i++) ks[i] = policy(k[i]);
         pkv_squat_quantize_row(bits, ks, U, d, out2);
         CHECK(memcmp(out, out2, out_bytes) == 0, "squat(k) != squat(policy(k))");
-        /* with U = I it is the plain encoder, byte for byte */
+        /* with U = I it is the plain block code with the min/max rule, byte for byte */
         for (size_t i = 0; i < dd; i++) U[i] = (i % (size_t) (d + 1)) == 0 ? 1.0f : 0.0f;
         pkv_squat_quantize_row(bits, k, U, d, out);
-        pkv_quantize_row(bits, k, out2, d);
-        CHECK(memcmp(out, out2, out_bytes) == 0, "squat with U = I != pkv_quantize_row");
+        for (int b = 0; b < d / PKV_BLOCK; b++) {
+            float xb[PKV_BLOCK];
+            uint8_t cb[PKV_BLOCK];
+            uint16_t dm[2];
+            for (int i = 0; i < PKV_BLOCK; i++) xb[i] = policy(k[b * PKV_BLOCK + i]);
+            pkv_block_scale_minmax(bits, xb, &dm[0], &dm[1]);
+            const float dq = pkv_fp16_to_fp32(dm[0]), mq = pkv_fp16_to_fp32(dm[1]), id = dq > 0.0f ? 1.0f / dq : 0.0f;
+            for (int i = 0; i < PKV_BLOCK; i++) {
+                const float c = floorf((xb[i] - mq) * id + 0.5f);
+                cb[i] = (uint8_t) (c < 0.0f ? 0 : (c > (float) ((1 << bits) - 1) ? (1 << bits) - 1 : (int) c));
+            }
+            uint8_t * blk = out2 + (size_t) b * pkv_block_bytes(bits);
+            memcpy(blk, dm, sizeof(dm));
+            pkv_pack_codes(bits, cb, blk + sizeof(dm));
+        }
+        CHECK(memcmp(out, out2, out_bytes) == 0, "squat with U = I != the min/max block code");
         /* bad arguments write nothing */
         memset(out, 0xa5, out_bytes);
         pkv_squat_quantize_row(5, k, U, d, out);

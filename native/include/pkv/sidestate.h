@@ -161,8 +161,8 @@ PKV_API int pkv_deco_fit_gram(const float * G, int64_t n_groups, int g, int vari
  * is what pkv_squat_quantize_row approximates greedily.
  *
  * No regularisation is needed (A >= I). If n_q == 0, r == 0, lambda == 0 or
- * q is all zero (after non-finite -> 0), U = I, and the encoder then equals
- * plain pkv_quantize_row byte for byte.
+ * q is all zero (after non-finite -> 0), U = I, and the encoder then is the
+ * plain block code with the min/max scale rule (below).
  * Returns 0 on success; -1 on bad arguments (d < 1 or > PKV_LINALG_MAX_N,
  * n_q < 0, r < 0, lambda negative or not finite, NULL U, NULL q with n_q > 0);
  * -2 out of memory; -3/-4 numerical failure (not expected). On any error
@@ -180,24 +180,26 @@ PKV_API int pkv_squat_prepare_gram(const float * C, int64_t n_q, int d, int r, f
 
 /* Encode one key head vector k (d values, d a multiple of PKV_BLOCK) into
  * d/64 blocks of the plain block format of codec.h (pkv_block_kv4/kv3/kv2 for
- * bits 4/3/2, exactly the bytes pkv_quantize_row writes), so the existing
+ * bits 4/3/2, the layout pkv_quantize_row writes), so the existing
  * decode / dot / vec_mad kernels read it unchanged: decode costs nothing
  * extra; all SQuat work happens here, at encode time.
  *
  * Algorithm (GPTQ/OBS, column by column), w = k in float32 (the CUDA encoder
  * runs the same float32 steps, byte for byte):
  *   for each block b (64 columns):
- *     d, m = the plain encoder's fp16 scale and minimum of the block's CURRENT
- *            (error-updated) w values, computed exactly as pkv_quantize_row
- *            does (float32 of w, codec.h's NaN/Inf policy, fp16 rounding);
+ *     d, m = the min/max rule on the block's CURRENT (error-updated) w values
+ *            (float32 of w, codec.h's NaN/Inf policy, m = fp16(min),
+ *            d = fp16((max - m) / L), a step smaller if m + L d > 65504);
+ *            not the plain encoder's error-minimising search, which clips
+ *            extremes whose errors the OBS updates would then pile up;
  *     for each column j of the block, in order:
  *       code_j = clamp(round((w_j - m) / d)) (same float rounding as the codec)
  *       err    = (w_j - (m + d * code_j)) * (1 / U[j][j])   (each op rounded;
  *                m + d * code_j is one fma: d * code_j is exact)
  *       w_c   -= err * U[j][c]   for every later column c > j (any block),
  *                                 one fused multiply-add (fma) per element
- * With U = I no error is propagated and the result is byte-identical to
- * pkv_quantize_row. Non-finite k: NaN -> 0, +-Inf -> +-65504 (codec policy).
+ * With U = I no error is propagated: the plain block code with the min/max
+ * rule. Non-finite k: NaN -> 0, +-Inf -> +-65504 (codec policy).
  * A column whose U[j][j] is not positive and finite propagates no error.
  * Bad arguments (bits not 2/3/4, d not a positive multiple of 64, NULL
  * pointers) write nothing. Cost about d^2 flops per vector. */
