@@ -2,6 +2,8 @@
 
   python bench/quality3_table.py bench/results/quality3/*.json
 
+Files of the same model, ctx and chunks are merged (later files win per format).
+
 One row per (run, format): model, ctx, chunks, bits/value (model_info.kv_cost:
 allocated caches, block scales, side state), KLD mean +- its standard error, KLD p99,
 top-1 agreement, PPL change vs the f16 cache. Then, per run, how each format stands
@@ -72,8 +74,24 @@ def versus_q4_0(data: Dict) -> List[str]:
     return lines
 
 
+def merge(runs: List[Dict]) -> List[Dict]:
+    """Runs of the same model, ctx and chunks become one (a format measured in
+    two files: the later file's row), so formats measured in separate passes
+    (e.g. after a change to one encoder) are compared with the same q4_0."""
+    merged: Dict[str, Dict] = {}
+    for d in runs:
+        key = run_name(d)
+        if key not in merged:
+            merged[key] = {**d, "results": list(d["results"])}
+            continue
+        by = {r["format"]: r for r in merged[key]["results"]}
+        by.update({r["format"]: r for r in d["results"]})
+        merged[key]["results"] = list(by.values())
+    return list(merged.values())
+
+
 def main(argv: List[str]) -> int:
-    runs = [load(Path(p)) for p in argv]
+    runs = merge([load(Path(p)) for p in argv])
     print("| model | ctx | chunks | format (K/V) | bits/value | KLD mean ± se | KLD p99 | top-1 | ΔPPL vs f16 |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for d in runs:
