@@ -35,8 +35,9 @@ def test_picks_lowest_kld_and_prints_the_command(info, model_path, monkeypatch):
 
     seen = {}
 
-    def fake_evaluate(model, text, formats, ctx, chunks, n_threads, progress, n_gpu_layers):
-        seen["formats"] = formats
+    def fake_evaluate(model, text, formats, ctx, chunks, n_threads, progress, n_gpu_layers, squat=None):
+        if squat is None:
+            seen["formats"] = formats
         kld = {"kv4/kv3": 0.2, "squat3/kv3": 0.1}
         return {"results": [{"format": f, "kld_mean": kld.get(f, 0.5), "ppl": 40.0, "ppl_delta_pct": 3.0,
                              "top1": 0.9} for f in formats]}
@@ -47,3 +48,32 @@ def test_picks_lowest_kld_and_prints_the_command(info, model_path, monkeypatch):
     assert (res["best"]["k"], res["best"]["v"]) == ("squat3", "kv3")
     text = advise.format_advice(res)
     assert "--cache-k squat3 --cache-v kv3" in text and "<- best" in text
+
+
+def test_centred_pairs_in_a_second_pass(info, model_path, monkeypatch):
+    """The plain pairs of ours again with keys centred: costed with the centre row,
+    evaluated with center=k, and printed with the setting that reproduces them."""
+    import pyllm_kv.eval as ev
+
+    passes = []
+
+    def fake_evaluate(model, text, formats, ctx, chunks, n_threads, progress, n_gpu_layers, squat=None):
+        centre = squat.center if squat is not None else None
+        passes.append((centre, list(formats)))
+        kld = {(None, "kv4/kv3"): 0.2, ("k", "kv4/kv3"): 0.05}
+        return {"results": [{"format": f, "kld_mean": kld.get((centre, f), 0.5), "ppl": 40.0,
+                             "ppl_delta_pct": 3.0, "top1": 0.9} for f in formats]}
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    res = advise.advise(str(model_path), bits=4.5, ctx=2048, progress=False)
+    assert [c for c, _ in passes] == [None, "k"]
+    centred = passes[1][1]
+    assert centred[0] == "f16" and "kv4/kv3" in centred and not any(f.startswith(("squat", "q")) for f in centred)
+    assert "kv4/kv4" not in centred                  # 4.5 + the centre row > 4.5
+    b = res["best"]
+    assert (b["k"], b["v"], b["center"], b["format"]) == ("kv4", "kv3", "k", "kv4/kv3 ck")
+    assert b["bits_per_value"] == pytest.approx(kv_cost(info, "kv4", "kv3", 2048, center="k")["bits_per_value"])
+    assert b["bits_per_value"] > kv_cost(info, "kv4", "kv3", 2048)["bits_per_value"]
+    text = advise.format_advice(res)
+    assert "--cache-k kv4 --cache-v kv3 --squat-center k" in text
+    assert "squat=pyllm_kv.SquatOptions(center='k')" in text
