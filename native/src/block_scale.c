@@ -31,6 +31,10 @@
 
 #include <math.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 /* Sum of 64 floats in the order a warp adds them when lane l holds values l
  * and l + 32 and reduces with xor shuffles 16, 8, 4, 2, 1 (float addition is
  * commutative, so every lane ends with this same value). */
@@ -43,10 +47,47 @@ static float warp_order_sum(const float * v) {
     return p[0];
 }
 
+#if defined(__AVX2__)
+/* The same sum from eight vectors (v[k] = values 8k..8k+7), the same adds in
+ * the same order: the encoder is the whole cost of a CPU set_rows, and the
+ * scalar loops made it ~10 us per block. */
+static inline float warp_order_sum8(const __m256 v[8]) {
+    const __m256 a0 = _mm256_add_ps(v[0], v[4]), a1 = _mm256_add_ps(v[1], v[5]);    /* l, l + 32 */
+    const __m256 a2 = _mm256_add_ps(v[2], v[6]), a3 = _mm256_add_ps(v[3], v[7]);
+    const __m256 b0 = _mm256_add_ps(a0, a2), b1 = _mm256_add_ps(a1, a3);            /* l, l + 16 */
+    const __m256 c = _mm256_add_ps(b0, b1);                                          /* l, l + 8 */
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));  /* l, l + 4 */
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));                                          /* l, l + 2 */
+    t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));                                      /* 0, 1 */
+    return _mm_cvtss_f32(t);
+}
+
+/* the codec's code of each value: floor((x - m) * id + 0.5) clamped to [0, L]
+ * exactly as the scalar ternaries do it (so -0 stays -0) */
+static inline __m256 codes8(__m256 xv, __m256 m, __m256 id, __m256 Lv) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 c = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(xv, m), id), _mm256_set1_ps(0.5f)));
+    c = _mm256_blendv_ps(c, Lv, _mm256_cmp_ps(c, Lv, _CMP_GT_OQ));
+    return _mm256_blendv_ps(c, zero, _mm256_cmp_ps(c, zero, _CMP_LT_OQ));
+}
+#endif
+
 /* Squared error of the block stored as (d, m) with the codec's rounding; the
  * codes it gets go to q (as floats: they feed the next least-squares fit). */
 static float stored_error(int L, const float * x, float d, float m, float * q) {
     const float id = d > 0.0f ? 1.0f / d : 0.0f;
+#if defined(__AVX2__)
+    const __m256 mv = _mm256_set1_ps(m), dv = _mm256_set1_ps(d), idv = _mm256_set1_ps(id), Lv = _mm256_set1_ps((float) L);
+    __m256 e[8];
+    for (int k = 0; k < 8; k++) {
+        const __m256 xv = _mm256_loadu_ps(x + 8 * k);
+        const __m256 c = codes8(xv, mv, idv, Lv);
+        _mm256_storeu_ps(q + 8 * k, c);
+        const __m256 t = _mm256_sub_ps(_mm256_add_ps(mv, _mm256_mul_ps(dv, c)), xv);
+        e[k] = _mm256_mul_ps(t, t);
+    }
+    return warp_order_sum8(e);
+#else
     float e[PKV_BLOCK];
     for (int i = 0; i < PKV_BLOCK; i++) {
         float c = floorf((x[i] - m) * id + 0.5f);
@@ -56,6 +97,32 @@ static float stored_error(int L, const float * x, float d, float m, float * q) {
         e[i] = t * t;
     }
     return warp_order_sum(e);
+#endif
+}
+
+/* sum(q), sum(q^2), sum(q y) in the warp's order */
+static void fit_sums(const float * q, const float * y, float * sq, float * sqq, float * sqy) {
+#if defined(__AVX2__)
+    __m256 a[8], b[8], c[8];
+    for (int k = 0; k < 8; k++) {
+        const __m256 qv = _mm256_loadu_ps(q + 8 * k);
+        a[k] = qv;
+        b[k] = _mm256_mul_ps(qv, qv);
+        c[k] = _mm256_mul_ps(qv, _mm256_loadu_ps(y + 8 * k));
+    }
+    *sq = warp_order_sum8(a);
+    *sqq = warp_order_sum8(b);
+    *sqy = warp_order_sum8(c);
+#else
+    float qq[PKV_BLOCK], qy[PKV_BLOCK];
+    for (int i = 0; i < PKV_BLOCK; i++) {
+        qq[i] = q[i] * q[i];
+        qy[i] = q[i] * y[i];
+    }
+    *sq = warp_order_sum(q);
+    *sqq = warp_order_sum(qq);
+    *sqy = warp_order_sum(qy);
+#endif
 }
 
 /* Least-squares (d, m) of x ~ m + d q for the codes q, with y = x - mn and
@@ -64,12 +131,8 @@ static float stored_error(int L, const float * x, float d, float m, float * q) {
  * top level m + L d would decode beyond 65504: the CUDA flash attention turns
  * K and V into fp16 tiles, where that would be Inf. */
 static int fit_fp16(int L, const float * q, const float * y, float sy, float mn, uint16_t * dh, uint16_t * mh) {
-    float qq[PKV_BLOCK], qy[PKV_BLOCK];
-    for (int i = 0; i < PKV_BLOCK; i++) {
-        qq[i] = q[i] * q[i];
-        qy[i] = q[i] * y[i];
-    }
-    const float sq = warp_order_sum(q), sqq = warp_order_sum(qq), sqy = warp_order_sum(qy);
+    float sq, sqq, sqy;
+    fit_sums(q, y, &sq, &sqq, &sqy);
     const float det = (float) PKV_BLOCK * sqq - sq * sq;       /* exact: integers below 2^24 */
     if (!(det > 0.0f)) return 0;
     const float d = ((float) PKV_BLOCK * sqy - sq * sy) / det;
@@ -124,12 +187,22 @@ void pkv_block_scale_search(int bits, const float * x, uint16_t * d_out, uint16_
         const float sy = warp_order_sum(y);
         for (int g = 0; g < 8; g++) {
             const float isc = ((float) L - 0.5f + (float) (g >> 1)) / range;
+#if defined(__AVX2__)
+            const __m256 iv = _mm256_set1_ps(isc), Lv = _mm256_set1_ps((float) L), mxv = _mm256_set1_ps(mx);
+            for (int k = 0; k < 8; k++) {
+                const __m256 v = g & 1 ? _mm256_sub_ps(mxv, _mm256_loadu_ps(x + 8 * k)) : _mm256_loadu_ps(y + 8 * k);
+                __m256 c = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(v, iv), _mm256_set1_ps(0.5f)));
+                c = _mm256_blendv_ps(c, Lv, _mm256_cmp_ps(c, Lv, _CMP_GT_OQ));
+                _mm256_storeu_ps(q + 8 * k, g & 1 ? _mm256_sub_ps(Lv, c) : c);
+            }
+#else
             for (int i = 0; i < PKV_BLOCK; i++) {
                 /* from the minimum (even g) or down from the maximum (odd g) */
                 float c = floorf((g & 1 ? mx - x[i] : y[i]) * isc + 0.5f);
                 c = c > (float) L ? (float) L : c;
                 q[i] = g & 1 ? (float) L - c : c;
             }
+#endif
             for (int r = 0; r < 3; r++) {
                 uint16_t dh, mh;
                 if (!fit_fp16(L, q, y, sy, mn, &dh, &mh)) break;
