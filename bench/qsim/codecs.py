@@ -44,7 +44,9 @@ def _round_half_away(v: np.ndarray) -> np.ndarray:
 
 
 def kv_c(x: np.ndarray, bits: int, block: int = 64) -> np.ndarray:
-    """pkv_encode_block + decode: asymmetric, min/max, fp16 d and m, float32 arithmetic."""
+    """The min/max block code + decode: asymmetric, fp16 d and m, float32 arithmetic
+    (the kv encoders' rule until 2026-12-07, SQuat's block rule since; the kv
+    encoders now search, as :func:`kv_opt` simulates)."""
     b = _blocks(x, block)
     L = F32((1 << bits) - 1)
     mn = b.min(axis=2, keepdims=True)
