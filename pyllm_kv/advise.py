@@ -91,9 +91,10 @@ def advise(model: Optional[str] = None, bits: float = 4.5, ctx: int = 512, chunk
         labels = [f"{c['k']}/{c['v']}" for c in cands]
         report = evaluate(model=path, text=text, formats=["f16"] + labels, ctx=ctx, chunks=chunks,
                           n_threads=n_threads, progress=progress, n_gpu_layers=n_gpu_layers, squat=squat)
-        by_label = {r["format"]: r for r in report["results"]}
+        # by (K, V): the report names a pair of one format by that format alone ("kv4")
+        by_pair = {formats.parse_pair(r["format"]): r for r in report["results"]}
         for c, label in zip(cands, labels):
-            r = by_label.get(label)
+            r = by_pair.get(formats.parse_pair(label))
             if r is None or "kld_mean" not in r:
                 continue
             rows.append(dict(c, format=_label(c), kld=r["kld_mean"], ppl=r.get("ppl"),

@@ -39,11 +39,14 @@ def test_picks_lowest_kld_and_prints_the_command(info, model_path, monkeypatch):
         if squat is None:
             seen["formats"] = formats
         kld = {"kv4/kv3": 0.2, "squat3/kv3": 0.1}
-        return {"results": [{"format": f, "kld_mean": kld.get(f, 0.5), "ppl": 40.0, "ppl_delta_pct": 3.0,
+        # as eval names them: a pair of one format by that format alone
+        return {"results": [{"format": f.split("/")[0] if len(set(f.split("/"))) == 1 else f,
+                             "kld_mean": kld.get(f, 0.5), "ppl": 40.0, "ppl_delta_pct": 3.0,
                              "top1": 0.9} for f in formats]}
 
     monkeypatch.setattr(ev, "evaluate", fake_evaluate)
     res = advise.advise(str(model_path), bits=4.0, ctx=2048, progress=False)
+    assert "kv3/kv3" in {r["format"] for r in res["rows"]}   # reported as "kv3", still a row
     assert seen["formats"][0] == "f16" and "kv4/kv4" not in seen["formats"]
     assert (res["best"]["k"], res["best"]["v"]) == ("squat3", "kv3")
     text = advise.format_advice(res)
