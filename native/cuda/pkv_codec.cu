@@ -231,12 +231,10 @@ static __device__ __forceinline__ block_params block_params_cta(const float x0, 
 }
 
 /* The reference's code of one value: round((x - m) / d) clamped to [0, L],
- * without fused multiply-add. */
+ * without fused multiply-add (code_f's expression). */
 template <int B>
 static __device__ __forceinline__ uint32_t code_of(const float x, const block_params & p) {
-    constexpr int L = (1 << B) - 1;
-    const float q = floorf(__fadd_rn(__fmul_rn(__fsub_rn(x, p.m), p.id), 0.5f));
-    return (uint32_t) (q < 0.0f ? 0 : (q > (float) L ? L : (int) q));
+    return (uint32_t) code_f<B>(x, p.m, p.id);
 }
 
 /* Write one block from the warp's codes (lane l: codes of values l and l + 32). */
