@@ -95,7 +95,7 @@ elif [ "$STAGE" = enc ]; then
   # nvcc, e.g. one per branch, and the libpyllm_kv_native.so they link): correctness vs the C
   # reference and us per launch, twice each. Building one here (~30 s):
   #   cp build/*/native/libpyllm_kv_native.so .carry7/ && nvcc -std=c++17 -arch=sm_90 -O3 -use_fast_math \
-  #     -Inative/include -Inative/cuda native/tests/cuda_codec_test.cu native/cuda/pkv_codec.cu \
+  #     -Inative/include -Inative/cuda native/tests/cuda_codec_test.cu native/cuda/pkv_codec.cu native/cuda/pkv_fit.cu \
   #     -L.carry7 -lpyllm_kv_native -Xlinker -rpath='$ORIGIN' -o .carry7/pkv-cuda-test-NAME
   nvidia-smi --query-gpu=name --format=csv,noheader > $LOG
   for b in .carry7/pkv-cuda-test*; do

@@ -99,6 +99,28 @@ int    pkv_cuda_fattn_decode_supported(int k_type, int v_type, int D);
 size_t pkv_cuda_fattn_decode_workspace(const pkv_cuda_fattn_params * p);
 int    pkv_cuda_fattn_decode(const pkv_cuda_fattn_params * p, void * workspace, cudaStream_t stream);
 
+/* Side-state fits on the GPU (pkv_fit.cu; pkv/ggml_fit_op.h says when they run).
+ *
+ * Key center: mu[j] = median of the finite values of channel j over `rows`
+ * rows of x (f32, row r at x + r * n), exactly as side_center.cpp's CPU fit
+ * (the middle value, or the float mean 0.5f * (a + b) of the two middle ones;
+ * 0 if none is finite; -0 returned as +0). */
+int pkv_cuda_center_fit(const float * x, int64_t rows, int64_t n, float * mu, cudaStream_t stream);
+
+/* SQuat's U of n_head heads (pkv_squat_prepare_gram's result, to rounding):
+ * in = f32 Gram matrices [d, d, n_head] (in_rows == d) or query rows
+ * [d, in_rows < d, n_head] (their Gram matrix is formed here), byte strides
+ * nb1 (rows) and nb2 (heads); fit_rows: query rows behind a Gram matrix (the
+ * rank is capped by it). The top eigenpairs come from a float32 cyclic Jacobi
+ * solver in shared memory, the factor is pkv_squat_prepare_gram's
+ * semiseparable recurrence in float64; out: packed fp16 rows (pkv_squat_pack's
+ * layout) of head h at out + h * out_nb1 bytes. Heads whose input is not finite
+ * or whose factor fails get U = I, as on the CPU. */
+int pkv_cuda_squat_fit(const float * in, int64_t in_rows, size_t nb1, size_t nb2, int n_head, int d,
+                       int64_t fit_rows, int rank, float lambda, int normalize, void * out, size_t out_nb1,
+                       cudaStream_t stream);
+int pkv_cuda_squat_fit_supported(int head_dim, int rank);   /* 1 for head_dim 64 or 128 and rank <= 64 */
+
 #ifdef __cplusplus
 }
 #endif

@@ -11,6 +11,9 @@
 
 #include "side_method.h"
 
+#include "ggml-backend.h"
+#include "pkv/ggml_fit_op.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -22,7 +25,8 @@ namespace {
 
 class center_slot final : public slot {
 public:
-    explicit center_slot(const layer_shape & sh) : sh(sh), mu((size_t) (sh.head_dim * sh.n_head_kv), 0.0f) {}
+    center_slot(const side_settings & st, const layer_shape & sh)
+        : st(st), sh(sh), mu((size_t) (sh.head_dim * sh.n_head_kv), 0.0f) {}
 
     void add_tensors(ggml_context * ctx) override {
         dev = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, sh.head_dim, sh.n_head_kv);
@@ -33,6 +37,7 @@ public:
 
     void reset() override {
         is_fitted = false;
+        host_stale = false;
         std::fill(mu.begin(), mu.end(), 0.0f);
     }
 
@@ -82,12 +87,14 @@ public:
     size_t state_size() const override { return sizeof(uint32_t) + mu.size() * sizeof(float); }
 
     void state_write(blob_writer & w) const override {
+        sync_host();
         const uint32_t f = is_fitted ? 1u : 0u;
         w.put(&f, sizeof(f));
         w.put(mu.data(), mu.size() * sizeof(float));
     }
 
     const char * state_read(blob_reader & r, bool replace, bool commit) override {
+        sync_host();
         uint32_t f = 0;
         const uint8_t * m = nullptr;
         if (!r.get(&f, sizeof(f)) || !(m = r.take(mu.size() * sizeof(float)))) {
@@ -118,13 +125,23 @@ public:
     }
 
 private:
+    const side_settings & st;
     const layer_shape sh;
     bool is_fitted = false;
+    mutable bool host_stale = false;  // fitted on a GPU (fit_op's PKV_FIT_ON_DEVICE): mu is in dev only
     std::atomic<int> fit_done{0};      // threads done with this fit (the last one marks it fitted)
-    std::vector<float> mu;            // host copy [n_head_kv][head_dim]
+    mutable std::vector<float> mu;    // host copy [n_head_kv][head_dim]
     ggml_tensor * dev = nullptr;      // the same in the cache's buffer [head_dim, n_head_kv]
     ggml_tensor * mu_graph = nullptr; // this graph's mean (fit output or dev)
     ggml_tensor * graph_mu = nullptr; // V: attn_in_v -> attn_out
+
+    // the host copy from the cache's tensor, after a fit on a GPU
+    void sync_host() const {
+        if (host_stale && dev && dev->buffer && dev->data && ggml_backend_buffer_get_size(dev->buffer) > 0) {
+            ggml_backend_tensor_get(dev, mu.data(), 0, mu.size() * sizeof(float));
+        }
+        host_stale = false;
+    }
 
     // mu viewed with x's rows: [head_dim, n_head_kv, 1, 1] against x [head_dim, n_head_kv, tokens]
     ggml_tensor * as_rows(ggml_context * ctx, ggml_tensor * m, const ggml_tensor * x) const {
@@ -154,6 +171,9 @@ private:
             ggml_tensor * args[1] = { x };
             ggml_tensor * fit = ggml_custom_4d(ctx, GGML_TYPE_F32, sh.head_dim, sh.n_head_kv, 1, 1, args, 1,
                                                fit_op, GGML_N_TASKS_MAX, this);
+            if (st.gpu_fit_center) {
+                mark_device_fit(fit, PKV_FIT_CENTER);   // a GPU backend may compute it (native/cuda/pkv_fit.cu)
+            }
             mu_graph = ggml_cpy(ctx, fit, dev);
         }
         return mu_graph;
@@ -167,6 +187,14 @@ private:
     // slot fitted.
     static void fit_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         auto * self = static_cast<center_slot *>(userdata);
+        if (ith == PKV_FIT_ON_DEVICE) {   // a GPU backend computed dst (the same medians): fitted, mu in dev
+            if (!self->is_fitted) {
+                self->is_fitted = true;
+                self->host_stale = true;
+                bump_epoch();
+            }
+            return;
+        }
         const ggml_tensor * x = dst->src[0];
         const int64_t n = (int64_t) self->mu.size();
         if (!self->is_fitted) {
@@ -196,7 +224,7 @@ private:
                         m = 0.5f * (m + *std::max_element(c, c + h));
                     }
                 }
-                self->mu[(size_t) j] = m;
+                self->mu[(size_t) j] = m == 0.0f ? 0.0f : m;   // -0 as +0 (so does the GPU fit)
             }
             if (self->fit_done.fetch_add(1, std::memory_order_acq_rel) + 1 == nth) {
                 self->fit_done.store(0, std::memory_order_relaxed);
@@ -216,7 +244,7 @@ std::unique_ptr<slot> make_center_slot(const side_settings & st, const layer_sha
     if (sh.head_dim <= 0 || sh.n_head_kv <= 0) {
         throw std::runtime_error("pyllm-kv: centering needs the layer's head size and KV heads");
     }
-    return std::unique_ptr<slot>(new center_slot(sh));
+    return std::unique_ptr<slot>(new center_slot(st, sh));
 }
 
 } // namespace pkv

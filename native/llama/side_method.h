@@ -54,7 +54,21 @@ struct side_settings {
     bool center_auto = true;
     bool center_k = false;
     bool center_v = false;
+    // PYLLM_KV_GPU_FIT: which fit ops a GPU backend may compute itself
+    // (pkv/ggml_fit_op.h, native/cuda/pkv_fit.cu). "center" (default): the key
+    // center (a median: ~55 us per Llama-8B layer on an H100, and no GPU<->CPU
+    // round trip); "all": SQuat's U too (head size 64/128; its Jacobi solver
+    // took 4.5 ms per layer, slower than the CPU fit it replaces, docs/speed.md);
+    // "none": every fit a CPU op (the previous behaviour, for A/B).
+    bool gpu_fit_center = true;
+    bool gpu_fit_squat = false;
 };
+
+// Marks a fit op (a custom op) as computable by a GPU backend: writes
+// pkv/ggml_fit_op.h's parameters into its op_params. The op's function must
+// accept ith == PKV_FIT_ON_DEVICE (the backend computed it; nothing to copy).
+void mark_device_fit(ggml_tensor * op, int kind, int rank = 0, float lambda = 0.0f, int normalize = 0,
+                     int64_t fit_rows = 0);
 
 // One layer's K (or V) as the cache allocates it.
 struct layer_shape {

@@ -11,9 +11,11 @@
 
 #include "ggml-backend.h"
 #include "pkv/codec.h"
+#include "pkv/ggml_fit_op.h"
 #include "pkv/ggml_hooks.h"
 #include "pkv/sidestate.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -47,7 +49,10 @@ public:
         return true;
     }
 
-    void reset() override { set_identity(); }
+    void reset() override {
+        set_identity();
+        host_stale = false;
+    }
 
     // The queries as attention will see them (after Hadamard or the deco
     // transform): fit U from them once; every graph hands U to store_k.
@@ -94,6 +99,12 @@ public:
             }
             ggml_tensor * fit = ggml_custom_4d(ctx, GGML_TYPE_F16, (int64_t) packed(), n_head, 1, 1, args, n_args,
                                                refit ? refit_op : fit_op, GGML_N_TASKS_MAX, this);
+            // A GPU backend may compute it (native/cuda/pkv_fit.cu) when it fits every head (the
+            // first fit, or a refit); heads fitted apart (one sequence's restored state) keep the CPU op.
+            if (st.gpu_fit_squat && (refit || none_fitted())) {
+                mark_device_fit(fit, PKV_FIT_SQUAT, st.squat_rank, st.squat_lambda, st.squat_normalize ? 1 : 0,
+                                fit_rows);
+            }
             graph_U = ggml_cpy(ctx, fit, dev); // into the cache's tensor; the store reads the copy
         }
     }
@@ -157,6 +168,7 @@ public:
     }
 
     void state_write(blob_writer & w) const override {
+        sync_host();
         const uint32_t dims[2] = { (uint32_t) n_head, (uint32_t) d };
         w.put(dims, sizeof(dims));
         w.put(head_fitted.data(), head_fitted.size());
@@ -166,6 +178,7 @@ public:
     }
 
     const char * state_read(blob_reader & r, bool replace, bool commit) override {
+        sync_host();
         uint32_t dims[2];
         if (!r.get(dims, sizeof(dims))) {
             return "pyllm-kv: side state in the state is truncated";
@@ -216,7 +229,8 @@ private:
     const side_settings & st;
     const layer_shape sh;
     const int bits, n_head, d;
-    std::vector<uint16_t> U;          // host copy: n_head * packed(), identity until fitted
+    mutable std::vector<uint16_t> U;  // host copy: n_head * packed(), identity until fitted
+    mutable bool host_stale = false;  // fitted on a GPU (PKV_FIT_ON_DEVICE): U is in dev only
     std::vector<uint8_t> head_fitted; // per head: the fit op runs its heads on several threads
     ggml_tensor * dev = nullptr;      // U in the cache's buffer [packed, n_head] f16
     ggml_tensor * graph_U = nullptr;  // this graph's U, attn_in_k -> store_k
@@ -224,6 +238,23 @@ private:
     int64_t fit_rows = 0;             // query rows behind the unfitted graph's Gram matrices
 
     size_t packed() const { return pkv_squat_packed_len(d); }
+
+    bool none_fitted() const {
+        for (uint8_t f : head_fitted) {
+            if (f) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    // the host copy from the cache's tensor, after a fit on a GPU
+    void sync_host() const {
+        if (host_stale && dev && dev->buffer && dev->data && ggml_backend_buffer_get_size(dev->buffer) > 0) {
+            ggml_backend_tensor_get(dev, U.data(), 0, U.size() * sizeof(uint16_t));
+        }
+        host_stale = false;
+    }
 
     // Every head back to U = I (plain encoding) and unfitted. Packed row j
     // starts with its diagonal entry (pkv_squat_pack's layout).
@@ -256,6 +287,12 @@ private:
     }
 
     static void fit_heads(ggml_tensor * dst, int ith, int nth, squat_slot * self, bool refit) {
+        if (ith == PKV_FIT_ON_DEVICE) {   // a GPU backend fitted every head into dst (mark_device_fit's condition)
+            std::fill(self->head_fitted.begin(), self->head_fitted.end(), (uint8_t) 1);
+            self->host_stale = true;
+            bump_epoch();
+            return;
+        }
         const ggml_tensor * gram = dst->src[0];
         const int d = self->d;
         for (int h = ith; h < self->n_head; h += nth) {

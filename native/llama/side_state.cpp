@@ -7,6 +7,7 @@
 #include "pkv/llama_side_state.h"
 #include "pkv/ggml_hooks.h"
 #include "pkv/sidestate.h"
+#include "pkv/ggml_fit_op.h"
 
 #include "side_method.h"
 
@@ -121,6 +122,12 @@ pkv::side_settings read_settings(bool squat) {
     st.center_auto = c == "auto";
     st.center_k = c == "k" || c == "kv";
     st.center_v = c == "v" || c == "kv";
+    const std::string gf = env_str("PYLLM_KV_GPU_FIT", "center");
+    if (gf != "center" && gf != "all" && gf != "none") {
+        throw std::runtime_error("pyllm-kv: PYLLM_KV_GPU_FIT must be 'center', 'all' or 'none', got '" + gf + "'");
+    }
+    st.gpu_fit_center = gf != "none";
+    st.gpu_fit_squat = gf == "all";
     return st;
 }
 
@@ -160,6 +167,20 @@ void blob_writer::put(const void * src, size_t n) {
 void blob_writer::zeros(size_t n) {
     memset(p, 0, n);
     p += n;
+}
+
+void mark_device_fit(ggml_tensor * op, int kind, int rank, float lambda, int normalize, int64_t fit_rows) {
+    GGML_ASSERT(op->op == GGML_OP_CUSTOM);
+    // ggml_custom_op_params (ggml-impl.h): function, int n_tasks, userdata; patches/0009 checks the real size
+    static_assert(3 * sizeof(void *) <= PKV_FIT_OP_PARAMS_OFFSET, "pkv fit parameters overlap ggml's");
+    pkv_fit_op_params p = {};
+    p.magic     = PKV_FIT_OP_MAGIC;
+    p.kind      = kind;
+    p.rank      = rank;
+    p.lambda    = lambda;
+    p.normalize = normalize;
+    p.fit_rows  = fit_rows;
+    memcpy((char *) op->op_params + PKV_FIT_OP_PARAMS_OFFSET, &p, sizeof(p));
 }
 
 void upload(ggml_tensor * t, const void * data, size_t n) {

@@ -10,7 +10,9 @@
  *       (the CUDA encoder never fuses), and such a flip feeds the later values
  *       of the row through the OBS update; so the test bounds the fraction of
  *       differing codes (<= 1%) and the reconstruction difference (<= 5% of the
- *       reference's own quantization error).
+ *       reference's own quantization error);
+ *   key-center fit                vs the median rule computed here: bit-identical;
+ *   SQuat fit (U per head)        vs the float64 CPU fit: within a few fp16 steps.
  *
  * Exit status 0 = all cases pass; every case prints one line. Usage:
  *   pkv-cuda-test [seed] */
@@ -98,8 +100,9 @@ static int run_set_rows(int idx_i64, int bits, const std::vector<float> & x, int
     return 0;
 }
 
-static bool test_plain(int bits, int idx_i64) {
-    const int64_t row_len = 256, n_tok = 77, n_cells = 100;
+/* n_tok 77 (308 blocks) takes set_rows' thread-group search, 3 (12 blocks) its CTA search */
+static bool test_plain(int bits, int idx_i64, int64_t n_tok) {
+    const int64_t row_len = 256, n_cells = 100;
     std::vector<float> x = randn((size_t) row_len * n_tok, 1.0f);
     for (int64_t i = 0; i < (int64_t) x.size(); i += 97) x[i] *= 40.0f;   /* outliers */
     /* rows of very different scale and offset (the scale search's float sums
@@ -110,8 +113,8 @@ static bool test_plain(int bits, int idx_i64) {
         const float sc = std::pow(10.0f, ud(rng)), off = nd(rng) * sc * (t % 3 == 0 ? 10.0f : 1.0f);
         for (int64_t i = 0; i < row_len; i++) x[t * row_len + i] = x[t * row_len + i] * sc + off;
     }
-    for (int64_t i = 0; i < row_len; i++) x[3 * row_len + i] = 1.25f;
-    for (int64_t i = 0; i < row_len; i += 2) x[4 * row_len + i] = 0.0f;
+    for (int64_t i = 0; i < row_len; i++) x[(3 % n_tok) * row_len + i] = 1.25f;
+    for (int64_t i = 0; i < row_len; i += 2) x[(4 % n_tok) * row_len + i] = 0.0f;
     const auto perm = row_perm(n_tok, n_cells);
     std::vector<uint8_t> got;
     if (run_set_rows(idx_i64, bits, x, n_tok, row_len, perm, n_cells, nullptr, nullptr, 0, 0, got) != 0) return false;
@@ -197,6 +200,158 @@ static bool test_squat(int bits, int d, int idx_i64, bool with_mu) {
     return ok;
 }
 
+/* Key-center fit (pkv_fit.cu) vs the rule computed here: per channel the
+ * finite values sorted, the middle one or 0.5f * (sum of the two middle ones),
+ * 0 for none, -0 as +0. Exact: every mu must be bit-identical. Inputs have
+ * NaN/Inf sprinkled in, a channel with no finite value, ties and +-0. */
+static bool test_center_fit(int64_t rows, int64_t n) {
+    std::vector<float> x = randn((size_t) (rows * n), 2.0f);
+    std::uniform_int_distribution<int64_t> pick(0, rows * n - 1);
+    const float specials[4] = { NAN, INFINITY, -INFINITY, -0.0f };
+    for (int i = 0; i < (int) (rows * n / 50) + 1; i++) x[(size_t) pick(rng)] = specials[i % 4];
+    for (int64_t r = 0; r < rows; r++) x[(size_t) (r * n + 0)] = NAN;                  /* channel 0: nothing finite */
+    if (n > 1) for (int64_t r = 0; r < rows; r++) x[(size_t) (r * n + 1)] = (float) (r % 3);   /* ties */
+    if (n > 2) for (int64_t r = 0; r < rows; r++) x[(size_t) (r * n + 2)] = r % 2 ? 0.0f : -0.0f; /* +-0 */
+    float * xd = to_dev(x);
+    float * md = nullptr;
+    CK(cudaMalloc(&md, n * sizeof(float)));
+    const int rc = pkv_cuda_center_fit(xd, rows, n, md, 0);
+    std::vector<float> mu(n);
+    CK(cudaMemcpy(mu.data(), md, n * sizeof(float), cudaMemcpyDeviceToHost));
+    int64_t bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        std::vector<float> c;
+        for (int64_t r = 0; r < rows; r++) {
+            const float v = x[(size_t) (r * n + j)];
+            if (std::isfinite(v)) c.push_back(v);
+        }
+        std::sort(c.begin(), c.end());
+        float m = 0.0f;
+        if (!c.empty()) {
+            const size_t h = c.size() / 2;
+            m = c[h];
+            if (c.size() % 2 == 0) m = 0.5f * (m + c[h - 1]);
+        }
+        if (m == 0.0f) m = 0.0f;
+        uint32_t a, b;
+        memcpy(&a, &m, 4);
+        memcpy(&b, &mu[(size_t) j], 4);
+        bad += a != b;
+    }
+    const bool ok = rc == 0 && bad == 0;
+    printf("%s center fit %lld rows x %lld channels: %lld medians differ\n", ok ? "ok  " : "FAIL", (long long) rows,
+           (long long) n, (long long) bad);
+    CK(cudaFree(xd)); CK(cudaFree(md));
+    return ok;
+}
+
+/* SQuat fit (pkv_fit.cu) vs the float64 CPU fit (pkv_squat_prepare_gram for a
+ * Gram matrix, pkv_squat_prepare's rows path for fewer rows than d), both
+ * packed to fp16: the GPU's float32 eigenvectors may move an entry by a
+ * rounding step. Queries with a decaying channel scale and one outlier channel
+ * (distinct eigenvalues, as real queries have); a head with a NaN Gram entry
+ * must come out as U = I. */
+static bool test_squat_fit(int d, int n_q, bool gram_mode) {
+    const int n_head = 3, rank = 20;
+    const float lambda = 100.0f;
+    const size_t pl = pkv_squat_packed_len(d);
+    const int in_rows = gram_mode ? d : n_q;
+    std::vector<float> in((size_t) n_head * in_rows * d), ref_packed_f((size_t) n_head * pl);
+    std::vector<uint16_t> ref((size_t) n_head * pl);
+    for (int h = 0; h < n_head; h++) {
+        std::vector<float> q = randn((size_t) n_q * d, 1.0f);
+        for (int t = 0; t < n_q; t++) {
+            for (int i = 0; i < d; i++) q[(size_t) t * d + i] *= expf(-(float) i / 24.0f) * (i == 5 ? 8.0f : 1.0f);
+        }
+        std::vector<float> U((size_t) d * d);
+        if (gram_mode) {
+            std::vector<float> G((size_t) d * d);
+            for (int i = 0; i < d; i++) {
+                for (int j = 0; j < d; j++) {
+                    float s = 0.0f;
+                    for (int t = 0; t < n_q; t++) s += q[(size_t) t * d + i] * q[(size_t) t * d + j];
+                    G[(size_t) i * d + j] = s;
+                }
+            }
+            if (h == 2) G[(size_t) 3 * d + 7] = NAN;
+            memcpy(in.data() + (size_t) h * d * d, G.data(), G.size() * sizeof(float));
+            pkv_squat_prepare_gram(G.data(), n_q, d, rank, lambda, 1, U.data());
+        } else {
+            memcpy(in.data() + (size_t) h * n_q * d, q.data(), q.size() * sizeof(float));
+            pkv_squat_prepare(q.data(), n_q, d, rank, lambda, 1, U.data());
+        }
+        pkv_squat_pack(U.data(), d, ref.data() + h * pl);
+    }
+    float * ind = to_dev(in);
+    uint16_t * outd = nullptr;
+    CK(cudaMalloc(&outd, ref.size() * sizeof(uint16_t)));
+    const int rc = pkv_cuda_squat_fit(ind, in_rows, (size_t) d * sizeof(float), (size_t) in_rows * d * sizeof(float),
+                                      n_head, d, n_q, rank, lambda, 1, outd, pl * sizeof(uint16_t), 0);
+    CK(cudaDeviceSynchronize());
+    std::vector<uint16_t> got(ref.size());
+    CK(cudaMemcpy(got.data(), outd, got.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    double max_diff = 0.0, sum_diff = 0.0;
+    int64_t n_diff = 0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        const double a = pkv_fp16_to_fp32(ref[i]), b = pkv_fp16_to_fp32(got[i]);
+        const double e = std::isfinite(b) ? fabs(a - b) : 1e9;
+        max_diff = std::max(max_diff, e);
+        sum_diff += e;
+        n_diff += ref[i] != got[i];
+    }
+    const double mean_diff = sum_diff / (double) ref.size();
+    const bool ok = rc == 0 && max_diff <= 4e-3 && mean_diff <= 1e-4;
+    printf("%s squat fit d=%d %s %d query rows: %lld of %lld fp16 entries differ, max |dU| %.2e, mean %.2e\n",
+           ok ? "ok  " : "FAIL", d, gram_mode ? "Gram" : "rows", n_q, (long long) n_diff, (long long) ref.size(),
+           max_diff, mean_diff);
+    CK(cudaFree(ind)); CK(cudaFree(outd));
+    return ok;
+}
+
+/* Fit latency (not a pass/fail case): the first ubatch's fits of one
+ * Llama-8B layer (8 KV heads of 128, 512 tokens, GQA 4). */
+static void time_fits() {
+    const int d = 128, n_head = 8;
+    const int64_t rows = 512, n = (int64_t) d * n_head;
+    std::vector<float> x = randn((size_t) (rows * n), 1.0f);
+    std::vector<float> g((size_t) n_head * d * d);
+    for (int h = 0; h < n_head; h++) {
+        std::vector<float> q = randn((size_t) 64 * d, 1.0f);
+        for (int i = 0; i < d; i++) {
+            for (int j = 0; j < d; j++) {
+                float s = 0.0f;
+                for (int t = 0; t < 64; t++) s += q[(size_t) t * d + i] * q[(size_t) t * d + j] * expf(-(float) (i + j) / 48.0f);
+                g[((size_t) h * d + i) * d + j] = s;
+            }
+        }
+    }
+    float * xd = to_dev(x), * gd = to_dev(g), * md = nullptr;
+    uint16_t * ud = nullptr;
+    CK(cudaMalloc(&md, n * sizeof(float)));
+    CK(cudaMalloc(&ud, (size_t) n_head * pkv_squat_packed_len(d) * sizeof(uint16_t)));
+    cudaEvent_t e0, e1, e2;
+    CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1)); CK(cudaEventCreate(&e2));
+    const int reps = 20;
+    pkv_cuda_center_fit(xd, rows, n, md, 0);
+    pkv_cuda_squat_fit(gd, d, d * sizeof(float), (size_t) d * d * sizeof(float), n_head, d, 2048, 20, 100.0f, 1, ud,
+                       pkv_squat_packed_len(d) * sizeof(uint16_t), 0);
+    CK(cudaEventRecord(e0, 0));
+    for (int r = 0; r < reps; r++) pkv_cuda_center_fit(xd, rows, n, md, 0);
+    CK(cudaEventRecord(e1, 0));
+    for (int r = 0; r < reps; r++) {
+        pkv_cuda_squat_fit(gd, d, d * sizeof(float), (size_t) d * d * sizeof(float), n_head, d, 2048, 20, 100.0f, 1,
+                           ud, pkv_squat_packed_len(d) * sizeof(uint16_t), 0);
+    }
+    CK(cudaEventRecord(e2, 0));
+    CK(cudaEventSynchronize(e2));
+    float ms_c = 0.0f, ms_s = 0.0f;
+    CK(cudaEventElapsedTime(&ms_c, e0, e1));
+    CK(cudaEventElapsedTime(&ms_s, e1, e2));
+    printf("timing fits of one layer (8 heads x d=128, 512 rows): center %.1f us, SQuat U %.1f us\n",
+           1e3 * ms_c / reps, 1e3 * ms_s / reps);
+    CK(cudaFree(xd)); CK(cudaFree(gd)); CK(cudaFree(md)); CK(cudaFree(ud));
+}
+
 /* Encoder latency (not a pass/fail case): microseconds per launch of the
  * SQuat encoder vs the plain one for a decode step (1 token) and a prefill
  * ubatch of one layer, Llama-8B's K layout (8 KV heads of 128), averaged over
@@ -254,14 +409,23 @@ int main(int argc, char ** argv) {
     int fails = 0, n = 0;
     for (int bits : {4, 3, 2}) {
         for (int i64 : {0, 1}) {
-            fails += !test_plain(bits, i64); n++;
+            fails += !test_plain(bits, i64, 77); n++;
+            fails += !test_plain(bits, i64, 3); n++;
         }
         for (int d : {64, 128, 256}) {
             fails += !test_squat(bits, d, d == 128, false); n++;
             fails += !test_squat(bits, d, d != 128, true); n++;
         }
     }
+    for (int64_t rows : {(int64_t) 1, (int64_t) 2, (int64_t) 7, (int64_t) 512, (int64_t) 1000}) {
+        fails += !test_center_fit(rows, 130); n++;
+    }
+    for (int d : {64, 128}) {
+        fails += !test_squat_fit(d, 4 * d, true); n++;
+        fails += !test_squat_fit(d, d / 4, false); n++;
+    }
     time_encoders();
+    time_fits();
     printf("%d of %d cases passed\n", n - fails, n);
     return fails == 0 ? 0 : 1;
 }
