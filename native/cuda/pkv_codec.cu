@@ -279,6 +279,203 @@ static __device__ __forceinline__ void encode_block_cta(float x0, float x1, uint
     if (warp == 0) pack_block_warp<B>(code_of<B>(x0, p), code_of<B>(x1, p), p, out, lane);
 }
 
+/* ---- The same search for many blocks (a prefill ubatch): a group of
+ * SCALE_GRIDS threads per block, thread g running starting grid g (thread 0
+ * also the min/max candidate), each holding all 64 values in registers. Every
+ * sum is block_scale.c's warp_order_sum spelled as a tree in registers (the
+ * warp butterfly's pairs, so the same float adds in the same order) and the
+ * winner goes round the group by three shuffles: the same bytes as the CTA
+ * search and the C reference. The CTA search spends a prefill store in
+ * shuffles and barriers (H100: 71 us for 512 tokens x 8 heads x d 128, which
+ * took a 2048-token prefill from 0.97 to 0.90 of f16); here the work is plain
+ * float math on many threads. Decode (a few blocks) keeps the CTA search,
+ * whose latency is lower. */
+constexpr int GROUP_BLOCKS = 32;                       /* blocks per CTA: 256 threads */
+#ifndef PKV_GROUP_MIN_CTAS
+#define PKV_GROUP_MIN_CTAS 1   /* CTAs per SM the register budget must allow (2: 128 registers, with spills) */
+#endif
+/* from how many blocks set_rows takes the group search (a decode step of a
+ * Llama-8B layer has 16 blocks); PKV_CUDA_GROUP_MIN_BLOCKS overrides it (tests,
+ * A/B). Off by default until pkv-cuda-test has run it on a GPU. */
+static int group_min_blocks() {
+    static const int v = [] {
+        const char * e = getenv("PKV_CUDA_GROUP_MIN_BLOCKS");
+        return e ? atoi(e) : INT_MAX;
+    }();
+    return v;
+}
+#define GROUP_MIN_BLOCKS group_min_blocks()
+
+/* Sum of leaf(l) over the 32 lanes in the warp butterfly's order, depth first
+ * (T(r, m) = T(r, 2m) + T(r + m, 2m), the lanes l = r mod m; T(r, 32) = leaf(r)):
+ * the same adds as warp_order_sum with 5 partial sums live instead of 32. */
+template <int R, int M, typename F>
+static __device__ __forceinline__ float tree_sum(F && leaf) {
+    if constexpr (M == 32) {
+        return leaf(R);
+    } else {
+        const float a = tree_sum<R, 2 * M>(leaf);
+        return __fadd_rn(a, tree_sum<R + M, 2 * M>(leaf));
+    }
+}
+
+/* block_scale.c's stored_error: the squared error of the block stored as (d, m) */
+template <int B>
+static __device__ __forceinline__ float stored_error_regs(const float (&x)[PKV_BLOCK], const float d, const float m) {
+    const float id = d > 0.0f ? __frcp_rn(d) : 0.0f;
+    return tree_sum<0, 1>([&](const int l) {
+        const float c0 = code_f<B>(x[l], m, id), c1 = code_f<B>(x[l + 32], m, id);
+        const float t0 = __fsub_rn(__fadd_rn(m, __fmul_rn(d, c0)), x[l]);
+        const float t1 = __fsub_rn(__fadd_rn(m, __fmul_rn(d, c1)), x[l + 32]);
+        return __fadd_rn(__fmul_rn(t0, t0), __fmul_rn(t1, t1));
+    });
+}
+
+/* Every thread of an aligned group of SCALE_GRIDS lanes calls this for the same
+ * block (sanitized values), g = its index in the group; all get the winner. */
+template <int B>
+static __device__ __forceinline__ block_params block_params_group(const float (&x)[PKV_BLOCK], const int g) {
+    constexpr int L = (1 << B) - 1;
+    float mn = x[0], mx = x[0];
+#pragma unroll
+    for (int i = 1; i < PKV_BLOCK; i++) {
+        mn = x[i] < mn ? x[i] : mn;        /* block_minmax: ties keep the first */
+        mx = x[i] > mx ? x[i] : mx;
+    }
+    __half bdh, bmh;
+    minmax_rule<B>(mn, mx, bdh, bmh);
+    float best = INFINITY;
+    int best_i = INT_MAX;
+    if (g == 0) {
+        best = stored_error_regs<B>(x, __half2float(bdh), __half2float(bmh));
+        best_i = 0;
+    }
+    const float range = __fsub_rn(mx, mn);
+    if (range > 0.0f && isfinite(__fdiv_rn((float) L, range))) {
+        const float sy = tree_sum<0, 1>([&](const int l) { return __fadd_rn(__fsub_rn(x[l], mn), __fsub_rn(x[l + 32], mn)); });
+        const float isc = __fdiv_rn(__fadd_rn((float) L - 0.5f, (float) (g >> 1)), range);
+        float pm = 0.0f, pid = 0.0f;       /* the previous round's (m, 1/d): its codes feed this round's fit */
+#pragma unroll 1
+        for (int r = 0; r < SCALE_ROUNDS; r++) {
+            float sq = 0.0f, sqq = 0.0f;   /* integers below 2^24: exact in any order */
+            const float sqy = tree_sum<0, 1>([&](const int l) {
+                float q[2];
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const float xv = x[l + 32 * h];
+                    if (r == 0) {          /* the starting grid, from the minimum or down from the maximum */
+                        const float v = (g & 1) ? __fsub_rn(mx, xv) : __fsub_rn(xv, mn);
+                        const float c = fminf(floorf(__fadd_rn(__fmul_rn(v, isc), 0.5f)), (float) L);
+                        q[h] = (g & 1) ? (float) L - c : c;
+                    } else {
+                        q[h] = code_f<B>(xv, pm, pid);
+                    }
+                }
+                sq = __fadd_rn(sq, __fadd_rn(q[0], q[1]));
+                sqq = __fadd_rn(sqq, __fadd_rn(__fmul_rn(q[0], q[0]), __fmul_rn(q[1], q[1])));
+                return __fadd_rn(__fmul_rn(q[0], __fsub_rn(x[l], mn)), __fmul_rn(q[1], __fsub_rn(x[l + 32], mn)));
+            });
+            __half dh, mh;
+            if (!fit_fp16<B>(sq, sqq, sqy, sy, mn, dh, mh)) break;
+            const float d = __half2float(dh), m = __half2float(mh);
+            const float e = stored_error_regs<B>(x, d, m);
+            if (e < best) {                /* candidate 1 + 3 g + r: later rounds have higher indices */
+                best = e;
+                best_i = 1 + SCALE_ROUNDS * g + r;
+                bdh = dh;
+                bmh = mh;
+            }
+            pm = m;
+            pid = d > 0.0f ? __frcp_rn(d) : 0.0f;
+        }
+    }
+    unsigned short bd = __half_as_ushort(bdh), bm = __half_as_ushort(bmh);
+#pragma unroll
+    for (int o = 1; o < SCALE_GRIDS; o <<= 1) {   /* least error, ties to the lowest candidate */
+        const float oe = __shfl_xor_sync(FULL, best, o);
+        const int oi = __shfl_xor_sync(FULL, best_i, o);
+        const unsigned short od = (unsigned short) __shfl_xor_sync(FULL, (int) bd, o);
+        const unsigned short om = (unsigned short) __shfl_xor_sync(FULL, (int) bm, o);
+        if (oe < best || (oe == best && oi < best_i)) {
+            best = oe;
+            best_i = oi;
+            bd = od;
+            bm = om;
+        }
+    }
+    return params_of(__ushort_as_half(bd), __ushort_as_half(bm));
+}
+
+/* Thread g of the group writes its share of the block: the header (g = 0) and
+ * the code bytes whose values it is given by compile-time index. */
+template <int B>
+static __device__ __forceinline__ void pack_block_group(const float (&x)[PKV_BLOCK], const block_params & p,
+                                                        uint8_t * out, const int g) {
+    if (g == 0) *(uint32_t *) out = (uint32_t) __half_as_ushort(p.dh) | ((uint32_t) __half_as_ushort(p.mh) << 16);
+    if constexpr (B == 4) {                /* qs[j] = c[j] | c[j+32] << 4: bytes 4g .. 4g+3 */
+#pragma unroll
+        for (int k = 0; k < SCALE_GRIDS; k++) {
+            if (k != g) continue;
+            uint32_t w = 0;
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                const int j = 4 * k + b;
+                w |= (code_of<B>(x[j], p) | (code_of<B>(x[j + 32], p) << 4)) << (8 * b);
+            }
+            *(uint32_t *) (out + 4 + 4 * k) = w;
+        }
+    } else {                               /* ql[j] = c[j] | c[j+16] << 2 | c[j+32] << 4 | c[j+48] << 6 (low 2 bits) */
+#pragma unroll
+        for (int k = 0; k < SCALE_GRIDS; k++) {
+            if (k != g) continue;
+            uint32_t w = 0;
+#pragma unroll
+            for (int b = 0; b < 2; b++) {
+                const int j = 2 * k + b;
+                const uint32_t v = (code_of<B>(x[j], p) & 3u) | ((code_of<B>(x[j + 16], p) & 3u) << 2) |
+                                   ((code_of<B>(x[j + 32], p) & 3u) << 4) | ((code_of<B>(x[j + 48], p) & 3u) << 6);
+                w |= v << (8 * b);
+            }
+            *(uint16_t *) (out + 4 + 2 * k) = (uint16_t) w;
+            if constexpr (B == 3) {        /* qh[j], j = g: bit s of value j + 8 s, bit s + 4 of value 32 + j + 8 s */
+                uint32_t h = 0;
+#pragma unroll
+                for (int s2 = 0; s2 < 4; s2++) {
+                    h |= ((code_of<B>(x[k + 8 * s2], p) >> 2) & 1u) << s2;
+                    h |= ((code_of<B>(x[32 + k + 8 * s2], p) >> 2) & 1u) << (s2 + 4);
+                }
+                out[4 + 16 + k] = (uint8_t) h;
+            }
+        }
+    }
+}
+
+template <int B, typename src_t, typename idx_t>
+__global__ void __launch_bounds__(GROUP_BLOCKS * SCALE_GRIDS, PKV_GROUP_MIN_CTAS) k_set_rows_group(const char * src, const char * idx,
+        char * dst, const int64_t nblk_row, const int64_t ne01, const int64_t ne02, const int64_t nblocks,
+        const size_t nb01, const size_t nb02, const size_t nb03,
+        const int64_t ne11, const int64_t ne12, const size_t nb10, const size_t nb11, const size_t nb12,
+        const size_t nb1, const size_t nb2, const size_t nb3) {
+    const int64_t i_raw = (int64_t) blockIdx.x * GROUP_BLOCKS + threadIdx.x / SCALE_GRIDS;
+    const int g = threadIdx.x % SCALE_GRIDS;
+    const int64_t i = i_raw < nblocks ? i_raw : nblocks - 1;   /* the group shuffles need every lane */
+    pdl_wait();
+    pdl_trigger();
+    const int64_t ib  = i % nblk_row;
+    int64_t r = i / nblk_row;
+    const int64_t i01 = r % ne01; r /= ne01;
+    const int64_t i02 = r % ne02;
+    const int64_t i03 = r / ne02;
+    const src_t * xs = (const src_t *) (src + i01 * nb01 + i02 * nb02 + i03 * nb03) + ib * PKV_BLOCK;
+    float x[PKV_BLOCK];
+#pragma unroll
+    for (int k = 0; k < PKV_BLOCK; k++) x[k] = sanitize(to_f<src_t>(xs[k]));
+    const block_params p = block_params_group<B>(x, g);
+    if (i_raw >= nblocks) return;
+    const int64_t row = (int64_t) *(const idx_t *) (idx + i01 * nb10 + (i02 % ne11) * nb11 + (i03 % ne12) * nb12);
+    pack_block_group<B>(x, p, (uint8_t *) (dst + row * nb1 + i02 * nb2 + i03 * nb3 + ib * fmt<B>::bytes), g);
+}
+
 template <int B, typename src_t, typename idx_t>
 __global__ void k_set_rows(const char * src, const char * idx, char * dst,     /* no __restrict__: PDL, see pdl_wait */
                            const int64_t nblk_row, const int64_t ne01, const int64_t ne02, const int64_t nblocks,
@@ -454,6 +651,13 @@ int set_rows_t(const void * src, const void * idx, int idx_i64, void * dst,
     const int64_t nblk_row = ne00 / PKV_BLOCK;
     const int64_t nblocks  = nblk_row * ne01 * ne02 * ne03;
     if (nblocks == 0) return 0;
+    if (nblocks >= GROUP_MIN_BLOCKS) {   /* many blocks: a thread group per block */
+        const dim3 gg((unsigned) ((nblocks + GROUP_BLOCKS - 1) / GROUP_BLOCKS));
+        auto kern = idx_i64 ? k_set_rows_group<B, src_t, int64_t> : k_set_rows_group<B, src_t, int32_t>;
+        return (int) pdl_launch(kern, gg, dim3(GROUP_BLOCKS * SCALE_GRIDS), 0, stream, (const char *) src,
+            (const char *) idx, (char *) dst, nblk_row, ne01, ne02, nblocks, nb01, nb02, nb03, ne11, ne12, nb10, nb11,
+            nb12, nb1, nb2, nb3);
+    }
     const dim3 grid((unsigned) nblocks);  /* a CTA per block */
     if (idx_i64) {
         return (int) pdl_launch(k_set_rows<B, src_t, int64_t>, grid, dim3(SEARCH_THREADS), 0, stream, (const char *) src, (const char *) idx,
