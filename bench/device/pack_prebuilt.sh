@@ -20,6 +20,11 @@ B=${1:?build directory}
 [ -f .carry1/llama_cpp_python-0.3.36-trim.tgz ] || { echo "run bench/device/prepare_carries.sh first" >&2; exit 1; }
 rm -rf .carry9 && mkdir -p .carry9
 cp "$B"/native/libpyllm_kv_native.so "$B"/bin/
+# ggml-cpu's OpenMP runtime: the device's loader does not find the system one
+# (llama-bench and test-backend-ops exited 127 there without it; pkv-cuda-test,
+# which does not load ggml-cpu, ran)
+gomp=$(ldd "$B"/bin/libggml-cpu.so | awk '/libgomp/ {print $3}')
+[ -n "$gomp" ] && cp -L "$gomp" "$B"/bin/
 ( cd "$B" && tar czf - bin/*.so* bin/llama-bench bin/llama-perplexity bin/llama-completion bin/test-backend-ops \
       bin/pkv-cuda-test bin/ggml-rpc-server ) > .carry9/cuda-prebuilt.tar.gz
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT

@@ -295,12 +295,15 @@ constexpr int GROUP_BLOCKS = 32;                       /* blocks per CTA: 256 th
 #define PKV_GROUP_MIN_CTAS 1   /* CTAs per SM the register budget must allow (2: 128 registers, with spills) */
 #endif
 /* from how many blocks set_rows takes the group search (a decode step of a
- * Llama-8B layer has 16 blocks); PKV_CUDA_GROUP_MIN_BLOCKS overrides it (tests,
- * A/B). Off by default until pkv-cuda-test has run it on a GPU. */
+ * Llama-8B layer has 16 blocks, which the CTA search stores in 3.7 us);
+ * PKV_CUDA_GROUP_MIN_BLOCKS overrides it (tests, A/B). H100, pkv-cuda-test,
+ * 512 tokens x 8 heads x d 128: CTA search 71 us, group search 31 us (41 us
+ * when capped at 128 registers for two CTAs per SM, with spills), the min/max
+ * rule of before the search 5 us; bytes identical to the C reference. */
 static int group_min_blocks() {
     static const int v = [] {
         const char * e = getenv("PKV_CUDA_GROUP_MIN_BLOCKS");
-        return e ? atoi(e) : INT_MAX;
+        return e ? atoi(e) : 64;
     }();
     return v;
 }
