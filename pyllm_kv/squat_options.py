@@ -38,6 +38,11 @@ CENTERS = ("auto", "none", "k", "v", "kv")
 # that reaches an empty cache; "ubatch" again from every ubatch of >= 32 tokens
 # (each prompt's keys against its own queries; decode keeps the last one).
 REFITS = ("first", "ubatch")
+# Which first-ubatch fits a GPU-resident cache computes on the GPU (environment
+# only, PYLLM_KV_GPU_FIT; docs/side-state.md): not a SQuat setting, checked here
+# with them so that a bad value is named before llama.cpp refuses the context.
+GPU_FIT_VAR = "PYLLM_KV_GPU_FIT"
+GPU_FITS = ("center", "all", "none")
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,10 @@ def from_environment() -> Dict[str, object]:
     only say that it failed to create the context). Call it inside
     :func:`applied` to include a load's own options."""
     out = dict(DEFAULTS)
+    gpu_fit = os.environ.get(GPU_FIT_VAR)
+    if gpu_fit and gpu_fit not in GPU_FITS:
+        raise InvalidParameter(f"environment variable {GPU_FIT_VAR}: must be one of {', '.join(GPU_FITS)}, "
+                               f"got {gpu_fit!r}")
     for var in ENV.values():
         value = os.environ.get(var)
         if value:

@@ -93,3 +93,21 @@ def test_bad_refit_value_is_refused(tiny_path, monkeypatch):
     monkeypatch.setenv("PYLLM_KV_SQUAT_REFIT", "sometimes")
     with pytest.raises(InvalidParameter, match="PYLLM_KV_SQUAT_REFIT"):
         pyllm_kv.load(tiny_path, cache_k="squat4", cache_v="kv4", n_ctx=N_CTX, n_threads=1)
+
+
+@pytest.mark.parametrize("value", ["center", "all", "none"])
+def test_gpu_fit_values_load_on_the_cpu(tiny_path, monkeypatch, value):
+    """PYLLM_KV_GPU_FIT only marks fit ops a GPU may take: on a CPU-only
+    context every value loads and fits on the CPU alike."""
+    monkeypatch.setenv("PYLLM_KV_GPU_FIT", value)
+    m = pyllm_kv.load(tiny_path, cache_k="squat4", cache_v="kv4", n_ctx=N_CTX, n_threads=1)
+    try:
+        assert np.isfinite(all_logits(m, FIRST, step=40)).all()
+    finally:
+        m.close()
+
+
+def test_bad_gpu_fit_value_is_refused(tiny_path, monkeypatch):
+    monkeypatch.setenv("PYLLM_KV_GPU_FIT", "gpu")
+    with pytest.raises(InvalidParameter, match="PYLLM_KV_GPU_FIT"):
+        pyllm_kv.load(tiny_path, cache_k="squat4", cache_v="kv4", n_ctx=N_CTX, n_threads=1)
