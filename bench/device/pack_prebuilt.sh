@@ -24,7 +24,7 @@ cp "$B"/native/libpyllm_kv_native.so "$B"/bin/
 # (llama-bench and test-backend-ops exited 127 there without it; pkv-cuda-test,
 # which does not load ggml-cpu, ran)
 gomp=$(ldd "$B"/bin/libggml-cpu.so | awk '/libgomp/ {print $3}')
-[ -n "$gomp" ] && cp -L "$gomp" "$B"/bin/
+if [ -n "$gomp" ] && ! [ "$gomp" -ef "$B/bin/$(basename "$gomp")" ]; then cp -L "$gomp" "$B"/bin/; fi
 ( cd "$B" && tar czf - bin/*.so* bin/llama-bench bin/llama-perplexity bin/llama-completion bin/test-backend-ops \
       bin/pkv-cuda-test bin/ggml-rpc-server ) > .carry9/cuda-prebuilt.tar.gz
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
