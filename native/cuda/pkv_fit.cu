@@ -151,6 +151,23 @@ static __device__ __forceinline__ void jacobi_pair(const int r, const int k, int
     q = a < b ? b : a;
 }
 
+/* f(k, i, p, q) for every pair k of round r and every index i in 0 .. N-1, spread over the CTA */
+template <int N, typename F>
+static __device__ __forceinline__ void each_pair_and_index(const int r, F && f) {
+    for (int e = threadIdx.x; e < (N / 2) * N; e += blockDim.x) {
+        int p, q;
+        jacobi_pair<N>(r, e / N, p, q);
+        f(e / N, e % N, p, q);
+    }
+}
+
+/* (x, y) <- (c x - s y, s x + c y): one rotated pair of entries (a row of J^T A, a column of A J or V J) */
+static __device__ __forceinline__ void rotate(double & x, double & y, const double c, const double s) {
+    const double x0 = x, y0 = y;
+    x = c * x0 - s * y0;
+    y = s * x0 + c * y0;
+}
+
 /* Cyclic Jacobi on the symmetric N x N A (row stride N + 1, float64): A ends
  * diagonal (the eigenvalues), V (same layout, set to I here) holds the
  * eigenvectors in its columns. Each round rotates N/2 disjoint pairs: rows of
@@ -191,28 +208,14 @@ static __device__ void jacobi_eig(double * A, double * V, double * rot, double *
                 rot[NP + threadIdx.x] = sn;
             }
             __syncthreads();
-            for (int e = threadIdx.x; e < NP * N; e += blockDim.x) {
-                const int k = e / N, col = e % N;
-                int p, q;
-                jacobi_pair<N>(r, k, p, q);
-                const double c = rot[k], sn = rot[NP + k];
-                const double x = A[p * LD + col], y = A[q * LD + col];
-                A[p * LD + col] = c * x - sn * y;
-                A[q * LD + col] = sn * x + c * y;
-            }
+            each_pair_and_index<N>(r, [&](const int k, const int col, const int p, const int q) {
+                rotate(A[p * LD + col], A[q * LD + col], rot[k], rot[NP + k]);       /* rows p, q: J^T A */
+            });
             __syncthreads();
-            for (int e = threadIdx.x; e < NP * N; e += blockDim.x) {
-                const int k = e / N, row = e % N;
-                int p, q;
-                jacobi_pair<N>(r, k, p, q);
-                const double c = rot[k], sn = rot[NP + k];
-                const double x = A[row * LD + p], y = A[row * LD + q];
-                A[row * LD + p] = c * x - sn * y;
-                A[row * LD + q] = sn * x + c * y;
-                const double vx = V[row * LD + p], vy = V[row * LD + q];
-                V[row * LD + p] = c * vx - sn * vy;
-                V[row * LD + q] = sn * vx + c * vy;
-            }
+            each_pair_and_index<N>(r, [&](const int k, const int row, const int p, const int q) {
+                rotate(A[row * LD + p], A[row * LD + q], rot[k], rot[NP + k]);       /* columns p, q: A J */
+                rotate(V[row * LD + p], V[row * LD + q], rot[k], rot[NP + k]);       /* V J */
+            });
             __syncthreads();
         }
     }
