@@ -6,6 +6,8 @@ with the reason, so CI (no GPU) reports them as skipped.
   squat4/kv4 and deco4/kv4 on the default model;
 - KL divergence against the f16 cache of the same backend, GPU vs CPU, per
   format: the GPU may not be worse than the CPU by more than the bound below;
+- squat4's first-prompt fits on the CPU or the GPU (PYLLM_KV_GPU_FIT): KLD
+  bound and a state round trip;
 - the side state on the GPU on an iSWA model (head size 256).
 """
 
@@ -106,6 +108,41 @@ def test_kld_on_gpu_close_to_cpu(gpu, model_path, text_tokens, reference, k, v):
             m.close()
     print(f"KLD {k}/{v}: CPU {kld[0]:.4f}  GPU {kld[-1]:.4f}")
     assert kld[-1] <= RATIO * kld[0] + SLACK, kld
+
+
+@pytest.mark.parametrize("gpu_fit", ["none", "all"])
+def test_squat_fits_on_or_off_the_gpu(gpu, model_path, text_tokens, reference, tmp_path, monkeypatch, gpu_fit):
+    """The first prompt's fits (key center, SQuat's U) on the CPU ("none") or
+    the GPU ("all", native/cuda/pkv_fit.cu; the default "center" is covered
+    above): the same KLD bound against the CPU, and a state saved after the fit
+    (the host copy fetched from the GPU tensor) restores to the same tokens."""
+    monkeypatch.setenv("PYLLM_KV_GPU_FIT", gpu_fit)
+    m = _load(model_path, "squat4", "kv4", -1)
+    try:
+        kld_gpu = kld_top1(reference[-1], all_logits(m, text_tokens))[0]
+    finally:
+        m.close()
+    cpu = _load(model_path, "squat4", "kv4", 0)
+    try:
+        kld_cpu = kld_top1(reference[0], all_logits(cpu, text_tokens))[0]
+    finally:
+        cpu.close()
+    print(f"KLD squat4/kv4, PYLLM_KV_GPU_FIT={gpu_fit}: CPU {kld_cpu:.4f}  GPU {kld_gpu:.4f}")
+    assert kld_gpu <= RATIO * kld_cpu + SLACK, (kld_cpu, kld_gpu)
+    m = _load(model_path, "squat4", "kv4", -1)
+    try:
+        m.prefill("A short story about a lighthouse keeper: once upon a time")
+        m.save_state(tmp_path / "s.pkv")
+        want = m.resume(max_tokens=10)
+        fresh = _load(model_path, "squat4", "kv4", -1)
+        try:
+            fresh.logits("Some other text first, so its side state differs.")
+            fresh.load_state(tmp_path / "s.pkv")
+            assert fresh.resume(max_tokens=10) == want
+        finally:
+            fresh.close()
+    finally:
+        m.close()
 
 
 def test_iswa_side_state_on_gpu(gpu, tmp_path):
