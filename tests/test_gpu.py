@@ -55,6 +55,33 @@ def _load(model_path, k, v, ngl, **kw):
     return pyllm_kv.load(model_path, cache_k=k, cache_v=v, n_ctx=N_CTX, n_gpu_layers=ngl, n_threads=4, **kw)
 
 
+def _assert_state_round_trip(m, model_path, k, v, tmp_path):
+    """m's state after a prompt (side state fitted on the GPU), restored into a
+    fresh GPU context that fitted other text first, continues with m's tokens."""
+    m.prefill("A short story about a lighthouse keeper: once upon a time")
+    m.save_state(tmp_path / "s.pkv")
+    want = m.resume(max_tokens=10)
+    fresh = _load(model_path, k, v, -1)
+    try:
+        fresh.logits("Some other text first, so its side state differs.")
+        fresh.load_state(tmp_path / "s.pkv")
+        assert fresh.resume(max_tokens=10) == want
+    finally:
+        fresh.close()
+
+
+def _kld_cpu_gpu(model_path, text_tokens, reference, k, v):
+    """{0: KLD on the CPU, -1: KLD with every layer on the GPU}, each against that backend's f16 cache."""
+    kld = {}
+    for ngl in (0, -1):
+        m = _load(model_path, k, v, ngl)
+        try:
+            kld[ngl] = kld_top1(reference[ngl], all_logits(m, text_tokens))[0]
+        finally:
+            m.close()
+    return kld
+
+
 @pytest.mark.parametrize("k,v", PAIRS[:4])
 def test_generate_chat_state_on_gpu(gpu, model_path, tmp_path, k, v):
     m = _load(model_path, k, v, -1)
@@ -62,16 +89,7 @@ def test_generate_chat_state_on_gpu(gpu, model_path, tmp_path, k, v):
         text = m.generate("The capital of France is", max_tokens=12, temperature=0)
         assert "Paris" in text, text
         assert m.chat([{"role": "user", "content": "Name one river."}], max_tokens=16).strip()
-        m.prefill("A short story about a lighthouse keeper: once upon a time")
-        m.save_state(tmp_path / "s.pkv")
-        want = m.resume(max_tokens=10)
-        fresh = _load(model_path, k, v, -1)
-        try:
-            fresh.logits("Some other text first, so its side state differs.")
-            fresh.load_state(tmp_path / "s.pkv")
-            assert fresh.resume(max_tokens=10) == want
-        finally:
-            fresh.close()
+        _assert_state_round_trip(m, model_path, k, v, tmp_path)
     finally:
         m.close()
 
@@ -99,13 +117,7 @@ def reference(gpu, model_path, text_tokens):
 
 @pytest.mark.parametrize("k,v", PAIRS[1:])
 def test_kld_on_gpu_close_to_cpu(gpu, model_path, text_tokens, reference, k, v):
-    kld = {}
-    for ngl in (0, -1):
-        m = _load(model_path, k, v, ngl)
-        try:
-            kld[ngl] = kld_top1(reference[ngl], all_logits(m, text_tokens))[0]
-        finally:
-            m.close()
+    kld = _kld_cpu_gpu(model_path, text_tokens, reference, k, v)
     print(f"KLD {k}/{v}: CPU {kld[0]:.4f}  GPU {kld[-1]:.4f}")
     assert kld[-1] <= RATIO * kld[0] + SLACK, kld
 
@@ -117,30 +129,12 @@ def test_squat_fits_on_or_off_the_gpu(gpu, model_path, text_tokens, reference, t
     above): the same KLD bound against the CPU, and a state saved after the fit
     (the host copy fetched from the GPU tensor) restores to the same tokens."""
     monkeypatch.setenv("PYLLM_KV_GPU_FIT", gpu_fit)
+    kld = _kld_cpu_gpu(model_path, text_tokens, reference, "squat4", "kv4")
+    print(f"KLD squat4/kv4, PYLLM_KV_GPU_FIT={gpu_fit}: CPU {kld[0]:.4f}  GPU {kld[-1]:.4f}")
+    assert kld[-1] <= RATIO * kld[0] + SLACK, kld
     m = _load(model_path, "squat4", "kv4", -1)
     try:
-        kld_gpu = kld_top1(reference[-1], all_logits(m, text_tokens))[0]
-    finally:
-        m.close()
-    cpu = _load(model_path, "squat4", "kv4", 0)
-    try:
-        kld_cpu = kld_top1(reference[0], all_logits(cpu, text_tokens))[0]
-    finally:
-        cpu.close()
-    print(f"KLD squat4/kv4, PYLLM_KV_GPU_FIT={gpu_fit}: CPU {kld_cpu:.4f}  GPU {kld_gpu:.4f}")
-    assert kld_gpu <= RATIO * kld_cpu + SLACK, (kld_cpu, kld_gpu)
-    m = _load(model_path, "squat4", "kv4", -1)
-    try:
-        m.prefill("A short story about a lighthouse keeper: once upon a time")
-        m.save_state(tmp_path / "s.pkv")
-        want = m.resume(max_tokens=10)
-        fresh = _load(model_path, "squat4", "kv4", -1)
-        try:
-            fresh.logits("Some other text first, so its side state differs.")
-            fresh.load_state(tmp_path / "s.pkv")
-            assert fresh.resume(max_tokens=10) == want
-        finally:
-            fresh.close()
+        _assert_state_round_trip(m, model_path, "squat4", "kv4", tmp_path)
     finally:
         m.close()
 
