@@ -137,8 +137,8 @@ private:
 
     // the host copy from the cache's tensor, after a fit on a GPU
     void sync_host() const {
-        if (host_stale && dev && dev->buffer && dev->data && ggml_backend_buffer_get_size(dev->buffer) > 0) {
-            ggml_backend_tensor_get(dev, mu.data(), 0, mu.size() * sizeof(float));
+        if (host_stale) {
+            download(dev, mu.data(), mu.size() * sizeof(float));
         }
         host_stale = false;
     }

@@ -152,6 +152,10 @@ public:
 // only to measure sizes has a dummy buffer).
 void upload(ggml_tensor * t, const void * data, size_t n);
 
+// The reverse: a backend tensor's bytes into host memory (a slot's host copy
+// after a fit on a GPU), if it has real memory.
+void download(const ggml_tensor * t, void * data, size_t n);
+
 // The methods (one file each); they throw std::runtime_error naming the
 // problem for a layer they cannot serve (head size, ...).
 std::unique_ptr<slot> make_deco_slot(const side_settings & st, const layer_shape & sh);

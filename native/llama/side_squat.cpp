@@ -250,8 +250,8 @@ private:
 
     // the host copy from the cache's tensor, after a fit on a GPU
     void sync_host() const {
-        if (host_stale && dev && dev->buffer && dev->data && ggml_backend_buffer_get_size(dev->buffer) > 0) {
-            ggml_backend_tensor_get(dev, U.data(), 0, U.size() * sizeof(uint16_t));
+        if (host_stale) {
+            download(dev, U.data(), U.size() * sizeof(uint16_t));
         }
         host_stale = false;
     }

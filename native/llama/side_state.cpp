@@ -190,6 +190,13 @@ void upload(ggml_tensor * t, const void * data, size_t n) {
     }
 }
 
+void download(const ggml_tensor * t, void * data, size_t n) {
+    GGML_ASSERT(t && n == ggml_nbytes(t));
+    if (t->buffer && t->data && ggml_backend_buffer_get_size(t->buffer) > 0) {
+        ggml_backend_tensor_get(t, data, 0, n);
+    }
+}
+
 ggml_tensor * apply_group_matrix(ggml_context * ctx, ggml_tensor * x, ggml_tensor * R) {
     const int64_t g = R->ne[0];
     GGML_ASSERT(R->ne[1] == g && ggml_nelements(x) % g == 0);
